@@ -1,0 +1,47 @@
+"""The ``medvl`` command line.
+
+Each command group lives beside the code it drives (``medvl data ...`` in
+:mod:`medvl.data.commands`) and registers its sub-parsers here. User errors
+(:class:`MedvlUserError`) print one line ``medvl: error: ...`` and exit with code 2, with
+no traceback; set ``MEDVL_DEBUG=1`` to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from medvl import __version__
+from medvl.errors import MedvlUserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medvl.data import commands as data_commands
+
+    p = argparse.ArgumentParser(prog="medvl", description="Medical vision-language models: data, "
+                                "training, distillation, evaluation and serving.")
+    p.add_argument("--version", action="version", version=f"medvl {__version__}")
+    sub = p.add_subparsers(dest="group", metavar="COMMAND")
+    sub.required = True
+    data_commands.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MedvlUserError as e:
+        if os.environ.get("MEDVL_DEBUG"):
+            raise
+        print(f"medvl: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("medvl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

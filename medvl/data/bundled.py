@@ -1,0 +1,39 @@
+"""Datasets shipped inside the package, loadable with no download.
+
+``vqa-rad``: VQA-RAD (Lau et al., "A dataset of clinically generated visual questions and
+answers about radiology images", Sci Data 5, 180251, 2018; CC0 1.0), 315 images with the
+published train (3,064) / test (451) questions, images downsampled to 256 px on the
+longest side (JPEG quality 85) so the package stays small. Rebuilt from the original
+files by ``scripts/build_bundled_vqa_rad.py``; the normalisations applied are those of
+the ``vqa-rad`` reader (:mod:`medvl.data.formats.vqa_rad`). As published, the split is by
+question: every test image also appears in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medvl.data.schema import Sample, read_jsonl
+from medvl.errors import MedvlUserError
+
+BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
+BUNDLED = {"vqa-rad": ("train", "test")}
+
+
+def bundled_path(name: str, split: str) -> Path:
+    if name not in BUNDLED:
+        raise MedvlUserError(f"no bundled dataset {name!r}; bundled: {', '.join(BUNDLED)}")
+    if split not in BUNDLED[name]:
+        raise MedvlUserError(f"bundled dataset {name!r} has splits {', '.join(BUNDLED[name])}, not {split!r}")
+    return BUNDLED_ROOT / name / f"{split}.jsonl"
+
+
+def load_bundled(name: str = "vqa-rad", split: str = "train") -> list[Sample]:
+    """The bundled dataset's samples, with image paths made absolute."""
+    path = bundled_path(name, split)
+    samples = read_jsonl(path)
+    for s in samples:
+        for m in s.images:
+            if m.path and not Path(m.path).is_absolute():
+                m.path = str(path.parent / m.path)
+    return samples

@@ -1,0 +1,135 @@
+"""ShareGPT, as LLaMA-Factory reads it.
+
+Layout (LLaMA-Factory ``data/README.md``, multimodal sharegpt)::
+
+    [{"messages": [{"role": "user", "content": "<image>Question"},
+                   {"role": "assistant", "content": "Answer"}],
+      "images": ["path.jpg"]}, ...]
+
+A ``system`` message may come first (or a separate ``system`` column, which the reader
+also accepts). The classic ``conversations`` / ``from`` / ``value`` spelling is read too.
+Writing also writes (or updates) ``dataset_info.json`` beside the output file, with an
+entry that tells LLaMA-Factory the column and role names, so the file can be used with
+``dataset: <name>`` directly. LLaMA-Factory requires as many ``<image>`` tags as images,
+which canonical samples guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list
+from medvl.data.formats.llava import (FROM_TO_ROLE, RecordError, as_path_list,
+                                      insert_missing_placeholders, parse_from_value,
+                                      writable_turns)
+from medvl.data.schema import Media, Sample, Turn
+from medvl.errors import MedvlUserError
+
+_KNOWN = ("id", "messages", "conversations", "images", "system")
+
+
+def _parse_messages(msgs: Any) -> list[Turn]:
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError("'messages' missing or empty")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RecordError(f"message {i} lacks 'role'/'content'")
+        role = FROM_TO_ROLE.get(str(m["role"]).lower())
+        if role is None:
+            raise RecordError(f"message {i}: unknown role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise RecordError(f"message {i}: 'content' is not a string")
+        turns.append(Turn(role, m["content"]))
+    return turns
+
+
+class ShareGPTFormat(Format):
+    name = "sharegpt"
+    description = "ShareGPT for LLaMA-Factory: {messages[{role, content}], images}; writes dataset_info.json"
+    layout = "a .json file; dataset_info.json is written beside it"
+    read_options = {"image_dir": "folder prefixed to relative image paths"}
+    write_options = {"dataset_name": "entry name in dataset_info.json (default: output file stem)",
+                     "box_style": "syntax for boxes (default: the source's, else qwen2vl)"}
+
+    def read(self, path: Path, **options: Any) -> Conversion:
+        rows = load_json_list(path)
+        out = Conversion()
+        image_dir = options.get("image_dir")
+        for i, r in enumerate(rows):
+            rid = r.get("id", i) if isinstance(r, dict) else i
+            try:
+                if not isinstance(r, dict):
+                    raise RecordError("record is not a JSON object")
+                turns = (_parse_messages(r["messages"]) if "messages" in r
+                         else parse_from_value(r.get("conversations")))
+                if isinstance(r.get("system"), str) and r["system"]:
+                    turns.insert(0, Turn("system", r["system"]))
+                paths, _ = as_path_list(r.get("images"))
+                inserted = insert_missing_placeholders(turns, len(paths))
+            except RecordError as e:
+                out.skip(i, rid, str(e))
+                continue
+            meta: dict[str, Any] = {"source": "sharegpt"}
+            extra = {k: v for k, v in r.items() if k not in _KNOWN}
+            if extra:
+                meta["extra"] = extra
+            if inserted:
+                meta["placeholders_inserted"] = True
+            if "system" in r:
+                meta["system_column"] = True
+            images = [Media(path=p if not image_dir else str(Path(image_dir) / p)) for p in paths]
+            out.samples.append(Sample(id=str(rid), images=images, conversation=turns, meta=meta))
+        return out
+
+    def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
+        out = Conversion()
+        rows = []
+        for i, s in enumerate(samples):
+            turns = writable_turns(s, options.get("box_style"))
+            row: dict[str, Any] = {}
+            if s.meta.get("system_column") and turns and turns[0].role == "system":
+                row["system"] = turns[0].text
+                turns = turns[1:]
+            row["messages"] = [{"role": t.role, "content": t.text} for t in turns]
+            if s.images:
+                row["images"] = [m.path for m in s.images]
+            row.update(s.meta.get("extra", {}))
+            rows.append(row)
+        path = Path(path)
+        dump_json(rows, path)
+        out.written = len(rows)
+        name = options.get("dataset_name") or path.stem
+        has_system = any("system" in r for r in rows)
+        _write_dataset_info(path, name, has_images=any("images" in r for r in rows), has_system=has_system)
+        out.notes.append(f"dataset_info.json entry {name!r} written in {path.parent}")
+        return out
+
+
+def _write_dataset_info(path: Path, name: str, *, has_images: bool, has_system: bool) -> None:
+    info_path = path.parent / "dataset_info.json"
+    info: dict[str, Any] = {}
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise MedvlUserError(f"existing file is not valid JSON ({e.msg}); fix or remove it",
+                                 path=info_path) from None
+    columns = {"messages": "messages"}
+    if has_images:
+        columns["images"] = "images"
+    if has_system:
+        columns["system"] = "system"
+    info[name] = {
+        "file_name": path.name,
+        "formatting": "sharegpt",
+        "columns": columns,
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                 "assistant_tag": "assistant", "system_tag": "system"},
+    }
+    dump_json(info, info_path)
+
+
+FORMAT = ShareGPTFormat

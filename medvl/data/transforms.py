@@ -1,0 +1,122 @@
+"""Preprocessing from decoded medical images to model tensors, 2D and 3D.
+
+2D (for CLIP / SigLIP / ViT encoders): intensities to [0, 1] with a window
+(:func:`medvl.data.imageio.to_unit_range`), grayscale replicated to 3 channels, resized
+so the longest side fits and padded to a square (``pad``, the default: no anatomy is
+cropped away and the aspect ratio is kept, as LLaVA's "pad" image aspect does), or plain
+``resize``, or ``crop`` (shortest side resized then centre crop, as CLIP's own
+preprocessing). Then ``(x - mean) / std``.
+
+3D (for volume encoders, following M3D / MedM-VL preprocessing): clip intensities (a
+window preset or explicit (low, high) values in HU), optionally resample to a voxel
+spacing in mm, resize to a fixed ``(D, H, W)`` with trilinear interpolation, normalise
+(``minmax`` to [0, 1], ``zscore``, or ``none``). Output ``[1, D, H, W]`` float32.
+
+Resizing uses torch (``F.interpolate``, antialias for 2D downsampling), which is in
+medvl's core dependencies.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from medvl.data.imageio import MedicalImage, resolve_window, to_unit_range
+from medvl.errors import MedvlUserError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _as_medical(img) -> MedicalImage:
+    if isinstance(img, MedicalImage):
+        return img
+    if isinstance(img, np.ndarray):
+        return MedicalImage(img, "volume" if img.ndim == 3 and img.shape[-1] not in (3, 4) else "image")
+    try:  # PIL image
+        return MedicalImage(np.asarray(img.convert("RGB")), "image")
+    except AttributeError:
+        raise TypeError(f"expected MedicalImage, ndarray or PIL image, got {type(img).__name__}") from None
+
+
+def preprocess_2d(img, size: int | tuple[int, int] = 224, *, mode: str = "pad",
+                  window: str | Sequence[float] | None = None,
+                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                  pad_value: float = 0.0) -> np.ndarray:
+    """A 2D image -> normalised float32 ``[3, H, W]``. A volume's middle slice is used."""
+    import torch
+    import torch.nn.functional as F
+
+    m = _as_medical(img)
+    x = to_unit_range(m, window)
+    if m.kind == "volume":
+        x = x[x.shape[0] // 2]
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    t = t.unsqueeze(0).expand(3, -1, -1) if t.ndim == 2 else t[..., :3].permute(2, 0, 1)  # [3, h, w]
+    th, tw = (size, size) if isinstance(size, int) else size
+    h, w = t.shape[-2:]
+    if mode == "resize":
+        out = F.interpolate(t[None], size=(th, tw), mode="bilinear", antialias=True, align_corners=False)[0]
+    elif mode == "pad":
+        s = min(th / h, tw / w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        r = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        out = torch.full((3, th, tw), pad_value, dtype=r.dtype)
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        out[:, top:top + nh, left:left + nw] = r
+    elif mode == "crop":
+        s = max(th / h, tw / w)
+        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+        r = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        out = r[:, top:top + th, left:left + tw]
+    else:
+        raise MedvlUserError(f"unknown resize mode {mode!r} (pad, resize or crop)")
+    mean_t = torch.tensor(mean, dtype=out.dtype)[:, None, None]
+    std_t = torch.tensor(std, dtype=out.dtype)[:, None, None]
+    return ((out.clamp(0, 1) - mean_t) / std_t).numpy()  # [3, H, W]
+
+
+def preprocess_3d(vol, shape: Sequence[int] = (32, 256, 256), *,
+                  window: str | Sequence[float] | None = None,
+                  clip: Sequence[float] | None = None,
+                  spacing: Sequence[float] | None = None,
+                  normalise: str = "minmax") -> np.ndarray:
+    """A volume -> float32 ``[1, D, H, W]``.
+
+    ``window`` (preset or (center, width)) or ``clip`` ((low, high)) bounds intensities
+    first; ``spacing`` (mm, ``(dz, dy, dx)``) resamples to that voxel size before the final
+    resize to ``shape`` (so a fixed shape then covers a known field of view only if the
+    crop is done by the caller; without ``spacing`` the whole volume is squeezed in).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    m = _as_medical(vol)
+    if m.kind != "volume" or m.array.ndim != 3:
+        raise MedvlUserError(f"preprocess_3d needs a [D, H, W] volume, got shape {m.shape}",
+                             path=m.meta.get("path"))
+    x = m.array.astype(np.float32)
+    if window is not None:
+        c, w = resolve_window(window, m) or (None, None)
+        if c is not None:
+            x = np.clip(x, c - w / 2, c + w / 2)
+    elif clip is not None:
+        x = np.clip(x, clip[0], clip[1])
+    t = torch.from_numpy(np.ascontiguousarray(x))[None, None]  # [1, 1, D, H, W]
+    if spacing is not None:
+        if m.spacing is None:
+            raise MedvlUserError("cannot resample: the volume has no voxel spacing", path=m.meta.get("path"))
+        size = [max(1, round(n * s / t_)) for n, s, t_ in zip(t.shape[2:], m.spacing, spacing)]
+        t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
+    t = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0]  # [1, D, H, W]
+    if normalise == "minmax":
+        lo, hi = t.min(), t.max()
+        t = (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
+    elif normalise == "zscore":
+        sd = t.std()
+        t = (t - t.mean()) / sd if sd > 0 else t - t.mean()
+    elif normalise != "none":
+        raise MedvlUserError(f"unknown normalise {normalise!r} (minmax, zscore or none)")
+    return t.numpy()
