@@ -219,7 +219,7 @@ def load_dicom(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_voxels: in
     has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
     modality = str(ds.get("Modality", "")) or None
     ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    spacing2 = (float(ps[0]), float(ps[1])) if ps is not None and len(ps) >= 2 else None
+    spacing2 = (float(ps[0]), float(ps[1])) if ps is not None and len(ps) >= 2 and float(ps[0]) > 0 else None
     meta = {"path": str(path), "photometric": photometric, "window": dicom_window(ds),
             "units": "HU" if modality == "CT" and has_rescale else "modality",
             "bits_stored": int(ds.get("BitsStored", 8) or 8)}

@@ -21,6 +21,7 @@ from medvl.data.formats.llava import (RecordError, as_path_list, insert_missing_
 from medvl.data.formats.sharegpt import _parse_messages
 from medvl.data.schema import BOX_SPACES, IMAGE_TOKEN, Media, Sample, Turn
 
+QWEN_SPEAKERS = {"user": "user", "assistant": "assistant", "system": "system"}  # Qwen-VL's names
 _INLINE_IMG = re.compile(r"(?:Picture \d+:\s*)?<img>(.*?)</img>\n?", re.S)
 
 
@@ -63,6 +64,8 @@ class GroundingFormat(Format):
                 meta["box_style"] = style
             if inserted:
                 meta["placeholders_inserted"] = True
+            if "id" not in r:
+                meta["generated_id"] = True
             known = ("id", "image", "images", "conversations", "messages")
             extra = {k: v for k, v in r.items() if k not in known}
             if extra:
@@ -79,13 +82,13 @@ class GroundingFormat(Format):
             turns = writable_turns(s, options.get("box_style"), default_style="grit")
             layout = options.get("layout") or s.meta.get("layout", "llava")
             paths = [m.path for m in s.images]
-            row: dict[str, Any] = {"id": s.id}
+            row: dict[str, Any] = {} if s.meta.get("generated_id") else {"id": s.id}
             if layout == "sharegpt":
                 row["messages"] = [{"role": t.role, "content": t.text} for t in turns]
                 if paths:
                     row["images"] = paths
             elif layout == "qwenvl":
-                row["conversations"] = render_from_value(_push_inline_images(turns, paths))
+                row["conversations"] = render_from_value(_push_inline_images(turns, paths), QWEN_SPEAKERS)
             else:
                 if paths:
                     row["image"] = paths[0] if len(paths) == 1 else paths

@@ -51,8 +51,9 @@ def parse_from_value(convs: Any) -> list[Turn]:
     return turns
 
 
-def render_from_value(turns: list[Turn]) -> list[dict]:
-    return [{"from": ROLE_TO_FROM[t.role], "value": t.text} for t in turns]
+def render_from_value(turns: list[Turn], names: dict[str, str] = ROLE_TO_FROM) -> list[dict]:
+    """``from``/``value`` turns; ``names`` maps roles to speakers (LLaVA: human / gpt)."""
+    return [{"from": names[t.role], "value": t.text} for t in turns]
 
 
 def as_path_list(value: Any) -> tuple[list[str], bool]:

@@ -9,6 +9,7 @@ Layout (``trainset.json`` / ``testset.json`` of the MEVF / med-vqa repositories)
 Normalisations on read (each original value is kept in ``meta["original"]`` and the
 ``original=true`` write option restores it):
 
+* questions are stripped of surrounding spaces;
 * answers stored as JSON integers (e.g. ``4`` for "how many gallstones") become strings;
 * ``answer_type`` is stripped and upper-cased (two records say ``"CLOSED "``);
 * ``question_type`` is upper-cased and its published typos fixed (``Other`` -> ``OTHER``,
@@ -71,6 +72,9 @@ class VQARADFormat(Format):
                 labels["question_type"] = normalise_question_type(str(r["question_type"]))
                 if labels["question_type"] != r["question_type"]:
                     original["question_type"] = r["question_type"]
+            question = str(r["question"]).strip()
+            if question != r["question"]:
+                original["question"] = r["question"]
             if r.get("image_organ") is not None:
                 labels["organ"] = r["image_organ"]
             meta: dict[str, Any] = {"source": "vqa-rad", "qid": r["qid"]}
@@ -83,7 +87,7 @@ class VQARADFormat(Format):
                 meta["extra"] = extra
             img = r["image_name"] if not root else str(Path(root) / r["image_name"])
             out.samples.append(Sample(id=str(r["qid"]), images=[Media(path=img)],
-                                      conversation=qa_conversation(str(r["question"]).strip(), answer),
+                                      conversation=qa_conversation(question, answer),
                                       labels=labels, meta=meta))
         n_fixed = sum(1 for s in out.samples if "original" in s.meta)
         if n_fixed:
