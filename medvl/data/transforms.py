@@ -12,8 +12,8 @@ window preset or explicit (low, high) values in HU), optionally resample to a vo
 spacing in mm, resize to a fixed ``(D, H, W)`` with trilinear interpolation, normalise
 (``minmax`` to [0, 1], ``zscore``, or ``none``). Output ``[1, D, H, W]`` float32.
 
-Resizing uses torch (``F.interpolate``, antialias for 2D downsampling), which is in
-medvl's core dependencies.
+Resizing uses PIL for 8-bit data and torch (``F.interpolate``, antialias) for float
+data; both are in medvl's core dependencies.
 """
 
 from __future__ import annotations
@@ -40,42 +40,69 @@ def _as_medical(img) -> MedicalImage:
         raise TypeError(f"expected MedicalImage, ndarray or PIL image, got {type(img).__name__}") from None
 
 
+def _geometry(h: int, w: int, th: int, tw: int, mode: str) -> tuple[int, int, int, int]:
+    """(resized h, resized w, top, left): where the resized image sits in the output.
+
+    For ``pad`` the offsets are >= 0 (padding); for ``crop`` they are <= 0 (cropping).
+    """
+    if mode == "resize":
+        return th, tw, 0, 0
+    if mode == "pad":
+        s = min(th / h, tw / w)
+    elif mode == "crop":
+        s = max(th / h, tw / w)
+    else:
+        raise MedvlUserError(f"unknown resize mode {mode!r} (pad, resize or crop)")
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if mode == "crop":
+        nh, nw = max(nh, th), max(nw, tw)
+    return nh, nw, (th - nh) // 2, (tw - nw) // 2
+
+
 def preprocess_2d(img, size: int | tuple[int, int] = 224, *, mode: str = "pad",
                   window: str | Sequence[float] | None = None,
                   mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                   pad_value: float = 0.0) -> np.ndarray:
-    """A 2D image -> normalised float32 ``[3, H, W]``. A volume's middle slice is used."""
-    import torch
-    import torch.nn.functional as F
+    """A 2D image -> normalised float32 ``[3, H, W]``. A volume's middle slice is used.
 
+    8-bit data with no window is resized by PIL on the 8-bit pixels (bilinear with
+    antialiasing, what CLIP's own preprocessing does); anything else (HU, 16-bit) is
+    windowed to [0, 1] first and resized in float32 with torch (bilinear, antialias), so
+    no precision is lost to an 8-bit round trip. Grayscale is resized once and only then
+    replicated to 3 channels.
+    """
     m = _as_medical(img)
-    x = to_unit_range(m, window)
-    if m.kind == "volume":
-        x = x[x.shape[0] // 2]
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    t = t.unsqueeze(0).expand(3, -1, -1) if t.ndim == 2 else t[..., :3].permute(2, 0, 1)  # [3, h, w]
     th, tw = (size, size) if isinstance(size, int) else size
-    h, w = t.shape[-2:]
-    if mode == "resize":
-        out = F.interpolate(t[None], size=(th, tw), mode="bilinear", antialias=True, align_corners=False)[0]
-    elif mode == "pad":
-        s = min(th / h, tw / w)
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        r = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-        out = torch.full((3, th, tw), pad_value, dtype=r.dtype)
-        top, left = (th - nh) // 2, (tw - nw) // 2
-        out[:, top:top + nh, left:left + nw] = r
-    elif mode == "crop":
-        s = max(th / h, tw / w)
-        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
-        r = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        out = r[:, top:top + th, left:left + tw]
+    arr = m.array
+    if m.kind == "volume":
+        arr = arr[arr.shape[0] // 2]
+        m = MedicalImage(arr, "image", meta=m.meta)
+    h, w = arr.shape[:2]
+    nh, nw, top, left = _geometry(h, w, th, tw, mode)
+    fast = arr.dtype == np.uint8 and window is None and m.meta.get("photometric") != "MONOCHROME1"
+    if fast:
+        from PIL import Image
+
+        pil = Image.fromarray(arr if arr.ndim == 2 else arr[..., :3])
+        r = np.asarray(pil.resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0  # [nh, nw(, 3)]
     else:
-        raise MedvlUserError(f"unknown resize mode {mode!r} (pad, resize or crop)")
-    mean_t = torch.tensor(mean, dtype=out.dtype)[:, None, None]
-    std_t = torch.tensor(std, dtype=out.dtype)[:, None, None]
-    return ((out.clamp(0, 1) - mean_t) / std_t).numpy()  # [3, H, W]
+        import torch
+        import torch.nn.functional as F
+
+        x = to_unit_range(m, window)  # [h, w] or [h, w, 3] in [0, 1]
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        t = t[None] if t.ndim == 2 else t[..., :3].permute(2, 0, 1)  # [C, h, w]
+        r = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True,
+                          align_corners=False)[0].clamp_(0, 1).numpy()
+        r = r[0] if r.shape[0] == 1 else r.transpose(1, 2, 0)  # back to [nh, nw(, 3)]
+    out = np.full((th, tw) + r.shape[2:], pad_value, dtype=np.float32)
+    oy, ox, iy, ix = max(top, 0), max(left, 0), max(-top, 0), max(-left, 0)
+    ch, cw = min(nh, th), min(nw, tw)
+    out[oy:oy + ch, ox:ox + cw] = r[iy:iy + ch, ix:ix + cw]
+    out = np.repeat(out[None], 3, axis=0) if out.ndim == 2 else out.transpose(2, 0, 1)  # [3, H, W]
+    mean_a = np.asarray(mean, np.float32)[:, None, None]
+    std_a = np.asarray(std, np.float32)[:, None, None]
+    return (out - mean_a) / std_a
 
 
 def preprocess_3d(vol, shape: Sequence[int] = (32, 256, 256), *,

@@ -14,6 +14,7 @@ Design choices:
 
 from __future__ import annotations
 
+import abc
 import collections
 import csv
 import json
@@ -50,7 +51,7 @@ class Conversion:
         return collections.Counter(s.reason for s in self.skipped).most_common()
 
 
-class Format:
+class Format(abc.ABC):
     """Base class; subclasses set ``name``, ``description`` and implement read/write."""
 
     name: ClassVar[str] = ""
@@ -60,11 +61,13 @@ class Format:
     read_options: ClassVar[dict[str, str]] = {}
     write_options: ClassVar[dict[str, str]] = {}
 
-    def read(self, path: Path, **options: Any) -> Conversion:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, path: Path, **options: Any) -> Conversion:
+        """Read IN into canonical samples; unreadable records go to ``skipped``."""
 
-    def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
+        """Write samples to OUT; samples the format cannot hold go to ``skipped``."""
 
     # ---- option checking ---------------------------------------------------------
     @classmethod

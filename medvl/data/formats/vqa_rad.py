@@ -22,6 +22,7 @@ Canonical: id ``str(qid)``; ``labels`` = answer_type, question_type, organ;
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ _FIELDS = ("qid", "image_name", "image_organ", "answer", "answer_type", "questio
            "question", "phrase_type")
 
 
+@functools.lru_cache(maxsize=1024)
 def normalise_question_type(qt: str) -> str:
     parts = [p.strip().upper() for p in qt.split(",")]
     return ", ".join(QUESTION_TYPE_FIXES.get(p, p) for p in parts)
