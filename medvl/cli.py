@@ -1,7 +1,7 @@
 """The ``medvl`` command line.
 
 Each command group lives beside the code it drives (``medvl data ...`` in
-:mod:`medvl.data.commands`) and registers its sub-parsers here. User errors
+:mod:`medvl.data.commands`, ``medvl eval ...`` in :mod:`medvl.eval.commands`) and registers its sub-parsers here. User errors
 (:class:`MedvlUserError`) print one line ``medvl: error: ...`` and exit with code 2, with
 no traceback; set ``MEDVL_DEBUG=1`` to see the traceback anyway.
 """
@@ -18,6 +18,7 @@ from medvl.errors import MedvlUserError
 
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data import commands as data_commands
+    from medvl.eval import commands as eval_commands
 
     p = argparse.ArgumentParser(prog="medvl", description="Medical vision-language models: data, "
                                 "training, distillation, evaluation and serving.")
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="group", metavar="COMMAND")
     sub.required = True
     data_commands.add_parser(sub)
+    eval_commands.add_parser(sub)
     return p
 
 

