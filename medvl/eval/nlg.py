@@ -114,7 +114,7 @@ def bleu2_cxr(refs: Sequence[str], hyps: Sequence[str]) -> dict:
             continue
         rc, hc = _ngrams(rw, 2), _ngrams(hw, 2)
         num = [0, 0]
-        den = [max(0, len(hw) - k) for k in range(2)]
+        den = [max(1, len(hw) - k) for k in range(2)]  # nltk's denominator is at least 1
         for g, c in hc.items():
             num[len(g) - 1] += min(c, rc.get(g, 0))
         if num[0] == 0:  # nltk returns 0 when no unigram matches
@@ -122,8 +122,7 @@ def bleu2_cxr(refs: Sequence[str], hyps: Sequence[str]) -> dict:
             continue
         logp = 0.0
         for k in range(2):
-            p = (num[k] if num[k] else 0.1) / den[k] if den[k] else 0.0
-            logp += 0.5 * math.log(p) if p > 0 else -math.inf
+            logp += 0.5 * math.log((num[k] if num[k] else 0.1) / den[k])
         bp = 1.0 if len(hw) > len(rw) else math.exp(1 - len(rw) / len(hw))
         per.append(bp * math.exp(logp))
     return {"bleu2_cxr": sum(per) / len(per) if per else 0.0, "per_sample": {"bleu2_cxr": per}}
