@@ -11,7 +11,8 @@ shipped in the ``pycocoevalcap`` wheel (``pip install 'medvl[eval]'``).
 
 ``meteor-native`` (:func:`meteor_native`) needs neither: the METEOR 1.5 scoring formula
 (parameters alpha 0.85, beta 0.20, gamma 0.60, delta 0.75; module weights exact 1.0,
-stem 0.6) over an alignment from the exact and Porter-stem modules only (no WordNet
+stem 0.6) over an alignment from the exact and Porter-stem modules only (medvl's own
+Porter stemmer, :mod:`medvl.eval.porter`; the jar uses Snowball) (no WordNet
 synonyms, no paraphrase table), with medvl's own function-word list and a greedy
 alignment that prefers continuing chunks instead of the jar's beam search. It is **not**
 the jar's number: docs/evaluation.md records the measured difference. It is named
@@ -142,25 +143,7 @@ def _is_function(tok: str) -> bool:
     return tok in FUNCTION_WORDS or not tok[0].isalnum()
 
 
-class _Stemmer:
-    def __init__(self) -> None:
-        try:
-            from nltk.stem import porter
-            self._p = porter.PorterStemmer()
-        except ImportError:  # exact matching only
-            self._p = None
-        self._cache: dict[str, str] = {}
-
-    def __call__(self, w: str) -> str:
-        if self._p is None:
-            return w
-        s = self._cache.get(w)
-        if s is None:
-            s = self._cache[w] = self._p.stem(w)
-        return s
-
-
-def _align(h: list[str], r: list[str], stem: _Stemmer) -> list[tuple[int, int, float]]:
+def _align(h: list[str], r: list[str], stem) -> list[tuple[int, int, float]]:
     """(hyp index, ref index, module weight) one-to-one matches: exact first, then stem;
     within a stage each hypothesis word takes the free reference position that continues
     the previous match, else the nearest one."""
@@ -189,7 +172,7 @@ def _align(h: list[str], r: list[str], stem: _Stemmer) -> list[tuple[int, int, f
     return sorted(pairs)
 
 
-def _stats(h: list[str], r: list[str], stem: _Stemmer) -> tuple[float, ...]:
+def _stats(h: list[str], r: list[str], stem) -> tuple[float, ...]:
     pairs = _align(h, r, stem)
     hc = sum(1 for w in h if not _is_function(w))
     rc = sum(1 for w in r if not _is_function(w))
@@ -236,7 +219,7 @@ def meteor_native(refs: Sequence[str | Sequence[str]], hyps: Sequence[str]) -> d
     """Approximate METEOR 1.5 (exact + stem modules); corpus score from summed statistics,
     best reference per segment by score."""
     from medvl.eval.nlg import as_ref_lists
-    stem = _Stemmer()
+    from medvl.eval.porter import stem
     per, total, stats = [], [0.0] * 10, []
     for rs, hyp in zip(as_ref_lists(refs), hyps):
         h = _tokens(hyp)
