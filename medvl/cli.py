@@ -19,6 +19,8 @@ from medvl.errors import MedvlUserError
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data import commands as data_commands
     from medvl.eval import commands as eval_commands
+    from medvl.models import commands as model_commands
+    from medvl.train import commands as train_commands
 
     p = argparse.ArgumentParser(prog="medvl", description="Medical vision-language models: data, "
                                 "training, distillation, evaluation and serving.")
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     data_commands.add_parser(sub)
     eval_commands.add_parser(sub)
+    train_commands.add_parser(sub)
+    model_commands.add_parser(sub)
     return p
 
 

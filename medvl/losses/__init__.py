@@ -1,0 +1,1 @@
+"""Losses: contrastive (CLIP, SigLIP) and distillation (feature, MMKD-CLIP)."""

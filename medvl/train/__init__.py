@@ -1,0 +1,1 @@
+"""The trainer layer: recipes (one per paradigm), typed configs, distribution, checkpoints."""

@@ -1,0 +1,98 @@
+"""Typed recipe configs: dataclasses as the single source of truth, one YAML per recipe,
+dotted ``key=value`` overrides on the command line (lingua / torchtune practice), and the
+resolved config written next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from medvl.errors import MedvlUserError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MedvlUserError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where) if len(args) == 1 else value
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            raise MedvlUserError(f"{where}: {value!r} is not a {tp.__name__}") from None
+    if tp is bool and isinstance(value, str):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise MedvlUserError(f"{where}: {value!r} is not a boolean")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if origin in (list, tuple) and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise MedvlUserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = json.loads(json.dumps(data))
+    for ov in overrides:
+        if "=" not in ov:
+            raise MedvlUserError(f"override {ov!r} is not key=value (dotted keys, e.g. optim.lr=1e-4)")
+        key, raw = ov.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise MedvlUserError(f"override {ov!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(cls: type[T], path: str | Path, overrides: list[str] = ()) -> T:
+    path = Path(path)
+    if not path.exists():
+        raise MedvlUserError("recipe not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MedvlUserError(f"malformed YAML ({e})", path=path) from None
+    data.pop("recipe", None)
+    return from_dict(cls, apply_overrides(data, list(overrides)), where=path.name)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Any, path: str | Path, recipe: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump({"recipe": recipe, **to_dict(cfg)}, sort_keys=False))

