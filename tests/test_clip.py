@@ -180,3 +180,76 @@ def test_cli_zero_shot(tiny, tmp_path, capsys):
     assert code == 0 and "x.png:" in out and "%" in out
     code = main(["zero-shot", "--model", str(tmp_path / "m"), str(tmp_path / "x.png"), "--labels", "head,head"])
     assert code == 2 and "duplicate label" in capsys.readouterr().err
+
+
+def test_ddp_two_processes(tmp_path):
+    """The recipe under torchrun with 2 CPU processes (gloo): features gathered, one model out."""
+    import subprocess
+    import sys
+    caps = _caption_data(tmp_path, 16)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "medvl.cli", "train", str(Path(__file__).resolve().parent.parent / "recipes" / "medclip-r10t-minilm-vqamed.yaml"),
+           "model=test-tiny", "data.format=captions", f"data.path={caps}", "data.exclude_images_of=",
+           "data.text_mode=caption", "max_steps=2", "batch_size=4", "precision=fp32", "warmup_steps=1",
+           f"output_dir={tmp_path / 'ddp'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()
+
+
+def test_shipped_model_zero_shot_organ():
+    """Regression: the shipped CLIP separates head / chest / abdomen on VQA-RAD images it never saw."""
+    from medvl.data.bundled import load_bundled
+    from medvl.eval.zero_shot import zero_shot
+    from medvl.models.clip import PRETRAINED_DIR
+    if not (PRETRAINED_DIR / "medclip-r10t-minilm" / "model.safetensors").exists():
+        pytest.skip("the shipped model is not in this checkout")
+    m = MedCLIP.from_pretrained("medclip-r10t-minilm")
+    seen, items = set(), []
+    for s in load_bundled("vqa-rad", "test"):
+        if s.images[0].path not in seen:
+            seen.add(s.images[0].path)
+            items.append((s.images[0].path, {"HEAD": "head, brain", "CHEST": "chest, lungs", "ABD": "abdomen"}[s.labels["organ"]]))
+    labels = ["head, brain", "chest, lungs", "abdomen"]
+    res = zero_shot(m, [p for p, _ in items], labels, ["a radiology image of the {}.", "{}."])
+    acc = np.mean([p == items[i][1] for i, p in zip(res["indices"], res["pred"])])
+    assert acc >= 0.8
+
+
+def test_teacher_feature_checks_count_what_is_dropped(tmp_path):
+    from medvl.train.clip import Pair, check_teacher_features
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(5):
+        arrays = {"A_img": rng.random(8), "A_txt": rng.random(8)}
+        if i == 3:
+            arrays = {"A_img": rng.random(6), "A_txt": rng.random(6)}  # wrong width
+        np.savez(tmp_path / f"{i}.npz", **arrays)
+        refs = {k: f"{tmp_path / f'{i}.npz'}#{k}" for k in arrays}
+        pairs.append(Pair(f"{i}.png", ["t"], refs if i != 4 else {}, str(i)))  # 4: no teacher at all
+    kept, dims, skipped = check_teacher_features(pairs)
+    assert dims == {"A": 8} and [p.id for p in kept] == ["0", "1", "2"]
+    assert skipped == {"teacher A feature of width 6/6, expected 8": 1, "no available teacher": 2}
+
+
+def test_open_clip_checkpoint_file(tiny, tmp_path):
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in tiny.model.state_dict().items()}}, tmp_path / "epoch_3.pt")
+    m = MedCLIP.from_open_clip_checkpoint(tmp_path / "epoch_3.pt", "test-tiny")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(m.encode_image(x), tiny.encode_image(x), atol=1e-6)
+    torch.save({"state_dict": {"visual.nope": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(MedvlUserError, match="missing key"):
+        MedCLIP.from_open_clip_checkpoint(tmp_path / "bad.pt", "test-tiny")
+
+
+def test_cli_linear_probe_and_retrieval(tiny, tmp_path, capsys):
+    from medvl.cli import main
+    tiny.save_pretrained(tmp_path / "m")
+    code = main(["clip", "linear-probe", "--model", str(tmp_path / "m"), "--data", "vqa-rad/test", "--label", "organ",
+                 "--folds", "3", "--out", str(tmp_path / "lp.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "balanced_accuracy" in out
+    assert json.loads((tmp_path / "lp.json").read_text())["n"] == 203
+    caps = _caption_data(tmp_path, 10)
+    code = main(["clip", "retrieval", "--model", str(tmp_path / "m"), "--data", str(caps), "--format", "captions"])
+    assert code == 0 and "image_to_text_R@1" in capsys.readouterr().out

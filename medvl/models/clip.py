@@ -193,8 +193,27 @@ class MedCLIP(nn.Module):
 
     @classmethod
     def _from_open_clip_file(cls, f: Path) -> "MedCLIP":
-        raise MedvlUserError("an open_clip checkpoint file needs its architecture: use "
-                             "MedCLIP.from_config(NAME) then .load_weights(torch.load(FILE))", path=f)
+        raise MedvlUserError("an open_clip checkpoint file needs its architecture: "
+                             "MedCLIP.from_open_clip_checkpoint(FILE, config=NAME)", path=f)
+
+    @classmethod
+    def from_open_clip_checkpoint(cls, path: str | Path, config: str | CLIPConfig) -> "MedCLIP":
+        """A checkpoint written by open_clip's trainer (``{"state_dict": ...}``, DDP
+        ``module.`` prefixes) or a bare state dict, for the given architecture; strict."""
+        path = Path(path)
+        if not path.exists():
+            raise MedvlUserError("checkpoint not found", path=path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle / zip errors vary
+            raise MedvlUserError(f"not a readable torch checkpoint ({e})", path=path) from None
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(state, dict):
+            raise MedvlUserError("checkpoint holds no state dict", path=path)
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        m = cls.from_config(config)
+        m.load_weights(state, source=path)
+        return m.eval()
 
     # ---- weights -----------------------------------------------------------------------------
     def lock_text(self) -> None:

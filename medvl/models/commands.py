@@ -36,6 +36,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="output folder: meta.jsonl + features/<id>.npz")
     e.set_defaults(func=cmd_extract)
 
+    lp = csub.add_parser("linear-probe", help="logistic regression on frozen image features, k-fold or train/test")
+    lp.add_argument("--model", default=DEFAULT_MODEL)
+    lp.add_argument("--data", required=True, help="dataset file, or a bundled name (vqa-rad, vqa-rad/test)")
+    lp.add_argument("--format", default="medvl")
+    lp.add_argument("--label", required=True, help="the sample label to predict (e.g. organ, category)")
+    lp.add_argument("--test", help="a separate test dataset (same format); default: k-fold on --data")
+    lp.add_argument("--folds", type=int, default=5)
+    lp.add_argument("--image-root")
+    lp.add_argument("--out", help="write the result as JSON")
+    lp.set_defaults(func=cmd_linear_probe)
+
+    rt = csub.add_parser("retrieval", help="image<->caption retrieval Recall@K on a dataset")
+    rt.add_argument("--model", default=DEFAULT_MODEL)
+    rt.add_argument("--data", required=True)
+    rt.add_argument("--format", default="medvl")
+    rt.add_argument("--image-root")
+    rt.add_argument("--out")
+    rt.set_defaults(func=cmd_retrieval)
+
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     import torch
@@ -113,4 +132,95 @@ def cmd_extract(args: argparse.Namespace) -> int:
             n += 1
     print(f"wrote {n:,} samples to {out}/meta.jsonl; skipped: " +
           (", ".join(f"{v} {k}" for k, v in skipped.items()) or "none"))
+    return 0
+
+
+def _labelled_images(data: str, fmt: str, label: str | None, image_root: str | None) -> list[tuple[str, str]]:
+    """(image path, label or caption) per distinct image; conflicting labels are an error."""
+    from medvl.data.bundled import BUNDLED, load_bundled
+    from medvl.data.formats import get_format
+    from medvl.data.schema import resolve_path
+
+    name, _, split = data.partition("/")
+    if not Path(data).exists() and name in BUNDLED:
+        samples = load_bundled(name, split or "train")
+        root = None
+    else:
+        samples = get_format(fmt).read(Path(data)).samples
+        root = Path(image_root) if image_root else Path(data).resolve().parent
+    out: dict[str, str] = {}
+    missing = 0
+    for s in samples:
+        if len(s.images) != 1:
+            continue
+        p = str(resolve_path(s.images[0].path, root))
+        if label is None:
+            answers = s.turns("assistant")
+            value = answers[-1].text if answers else None
+        else:
+            value = s.labels.get(label)
+        if value in (None, ""):
+            missing += 1
+            continue
+        if p in out and out[p] != str(value) and label is not None:
+            raise MedvlUserError(f"image {p} has two values of {label!r}: {out[p]!r} and {value!r}")
+        out.setdefault(p, str(value))
+    if not out:
+        raise MedvlUserError(f"no sample has {'a caption' if label is None else 'the label ' + repr(label)}", path=data)
+    if missing:
+        print(f"note: {missing} sample(s) without {'a caption' if label is None else repr(label)} left out")
+    return sorted(out.items())
+
+
+def cmd_linear_probe(args: argparse.Namespace) -> int:
+    from medvl.eval.suites import evaluate_classification
+    from medvl.eval.zero_shot import embed_images, linear_probe
+    from medvl.models.clip import MedCLIP
+
+    model = MedCLIP.from_pretrained(args.model)
+    train = _labelled_images(args.data, args.format, args.label, args.image_root)
+    X, ok, failed = embed_images(model, [p for p, _ in train], progress=True)
+    y = [train[i][1] for i in ok]
+    X = X.numpy()
+    if args.test:
+        test = _labelled_images(args.test, args.format, args.label, args.image_root)
+        Xt, okt, failed_t = embed_images(model, [p for p, _ in test], progress=True)
+        failed += failed_t
+        res = linear_probe(X, y, Xt.numpy())
+        yt, pred, scores, classes = [test[i][1] for i in okt], res["pred"], res["scores"], res["classes"]
+    else:
+        rng = np.random.default_rng(0)
+        fold = rng.permutation(len(y)) % args.folds
+        classes = sorted(set(y))
+        pred, scores = [None] * len(y), np.zeros((len(y), len(classes)))
+        for k in range(args.folds):
+            te, tr = np.nonzero(fold == k)[0], np.nonzero(fold != k)[0]
+            r = linear_probe(X[tr], [y[i] for i in tr], X[te])
+            for j, i in enumerate(te):
+                pred[i] = r["pred"][j]
+                scores[i] = [r["scores"][j][r["classes"].index(c)] if c in r["classes"] else 0.0 for c in classes]
+        yt = y
+    out = evaluate_classification(yt, pred, scores, classes)
+    for k, v in out["metrics"].items():
+        print(f"{k:<18} {v:.4f}")
+    if failed:
+        print(f"medvl: {len(failed)} image(s) could not be read and were left out, e.g. {failed[0][1]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    from medvl.eval.suites import evaluate_retrieval
+    from medvl.eval.zero_shot import similarity
+    from medvl.models.clip import MedCLIP
+
+    model = MedCLIP.from_pretrained(args.model)
+    items = _labelled_images(args.data, args.format, None, args.image_root)
+    sim, _ = similarity(model, [p for p, _ in items], [c for _, c in items])
+    out = evaluate_retrieval(sim)
+    for k, v in out["metrics"].items():
+        print(f"{k:<26} {v:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

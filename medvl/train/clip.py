@@ -297,6 +297,13 @@ def train_clip(cfg: ClipTrainConfig, *, progress: bool = True) -> dict[str, Any]
     model.train()
     size = model.config.image_size
     pairs, skipped = build_pairs(cfg.data)
+    dims: dict[str, int] = {}
+    if cfg.distill.enabled:
+        pairs, dims, t_skipped = check_teacher_features(pairs)
+        skipped.update(t_skipped)
+        if not pairs:
+            raise MedvlUserError("distill.enabled but no sample has usable teacher features: " +
+                                 ", ".join(f"{v} {k}" for k, v in t_skipped.items()))
     images, keep, dec_skipped = decode_images(pairs, cfg.data.cache_size or int(size * 1.125), progress and rank == 0)
     pairs = [pairs[i] for i in keep]
     skipped.update(dec_skipped)
@@ -321,7 +328,7 @@ def train_clip(cfg: ClipTrainConfig, *, progress: bool = True) -> dict[str, Any]
     logit_bias = torch.nn.Parameter(torch.tensor(-10.0)) if cfg.loss == "siglip" else None
     distiller = None
     if cfg.distill.enabled:
-        distiller = _make_distiller(cfg, model, pairs)
+        distiller = _make_distiller(cfg, model, dims)
     params = [p for p in model.parameters() if p.requires_grad]
     extra_params = ([logit_bias] if logit_bias is not None else []) + (list(distiller.parameters()) if distiller else [])
     decay = [p for p in params if p.ndim >= 2]
@@ -444,16 +451,49 @@ def _save_ckpt(path: Path, model, opt, distiller, logit_bias, gen, state) -> Non
 
 # ---- distillation glue ------------------------------------------------------------------------
 
-def _make_distiller(cfg: ClipTrainConfig, model, pairs: list[Pair]):
+def check_teacher_features(pairs: list[Pair]) -> tuple[list[Pair], dict[str, int], dict[str, int]]:
+    """Read every referenced teacher feature once: each teacher's width is the most common
+    one; features of another width and samples left with no teacher are dropped and
+    counted. Returns the kept pairs, the widths and the skip counts."""
+    from collections import Counter
+
     from medvl.data.formats.mmkd import load_teacher_feature
+
+    widths: dict[str, Counter] = defaultdict(Counter)
+    seen: dict[tuple[int, str], int] = {}
+    skipped: dict[str, int] = defaultdict(int)
+    for i, p in enumerate(pairs):
+        for key, ref in p.teachers.items():
+            try:
+                w = int(np.asarray(load_teacher_feature(ref)).reshape(-1).shape[0])
+            except MedvlUserError as e:
+                skipped[f"unreadable teacher feature ({str(e)[-60:]})"] += 1
+                continue
+            seen[(i, key)] = w
+            widths[key.rsplit("_", 1)[0]][w] += 1
+    dims = {t: c.most_common(1)[0][0] for t, c in widths.items()}
+    kept = []
+    for i, p in enumerate(pairs):
+        good = {}
+        for t in dims:
+            wi, wt = seen.get((i, f"{t}_img")), seen.get((i, f"{t}_txt"))
+            if wi is None or wt is None:
+                continue
+            if wi != dims[t] or wt != dims[t]:
+                skipped[f"teacher {t} feature of width {wi}/{wt}, expected {dims[t]}"] += 1
+                continue
+            good[f"{t}_img"], good[f"{t}_txt"] = p.teachers[f"{t}_img"], p.teachers[f"{t}_txt"]
+        if not good:
+            skipped["no available teacher"] += 1
+            continue
+        p.teachers = good
+        kept.append(p)
+    return kept, dims, dict(skipped)
+
+
+def _make_distiller(cfg: ClipTrainConfig, model, dims: dict[str, int]):
     from medvl.losses.distill import MMKDLoss
 
-    dims: dict[str, int] = {}
-    for p in pairs:
-        for key, ref in p.teachers.items():
-            t = key.rsplit("_", 1)[0]
-            if t not in dims:
-                dims[t] = int(np.asarray(load_teacher_feature(ref)).reshape(-1).shape[0])
     if not dims:
         raise MedvlUserError("distill.enabled but no sample has teacher features (teacher_features is empty)")
     return MMKDLoss(model.config.embed_dim, dims, lam=cfg.distill.lam, teacher_choice=cfg.distill.teacher_choice,
