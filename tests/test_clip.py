@@ -253,3 +253,9 @@ def test_cli_linear_probe_and_retrieval(tiny, tmp_path, capsys):
     caps = _caption_data(tmp_path, 10)
     code = main(["clip", "retrieval", "--model", str(tmp_path / "m"), "--data", str(caps), "--format", "captions"])
     assert code == 0 and "image_to_text_R@1" in capsys.readouterr().out
+
+
+def test_recipe_siglip_loss(tmp_path):
+    from medvl.train.clip import train_clip
+    res = train_clip(_cfg(tmp_path, tmp_path / "s", 2, loss="siglip"), progress=False)
+    assert res["steps"] == 2 and math.isfinite(res["last"]["loss"])

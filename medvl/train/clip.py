@@ -411,7 +411,7 @@ def train_clip(cfg: ClipTrainConfig, *, progress: bool = True) -> dict[str, Any]
                 el = time.perf_counter() - t_start
                 last = {"step": state["step"], "epoch": state["epoch"], "loss": float(loss.detach()),
                         "lr": opt.param_groups[0]["lr"], "pairs_per_s": pairs_seen / el,
-                        "logit_scale": float(model.logit_scale.exp())}
+                        "logit_scale": float(model.logit_scale.detach().exp())}
                 if distiller is not None:
                     last.update({k: float(v) for k, v in parts.items() if k != "loss"})
                 pbar.set_postfix(loss=f"{last['loss']:.3f}", pairs_s=f"{last['pairs_per_s']:.1f}")
