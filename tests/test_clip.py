@@ -138,6 +138,7 @@ def test_recipe_trains_and_resumes_exactly(tmp_path):
     from medvl.train.clip import train_clip
     a = train_clip(_cfg(tmp_path, tmp_path / "a", 5), progress=False)
     assert a["steps"] == 5 and (tmp_path / "a" / "config.yaml").exists()
+    assert (tmp_path / "a" / "training_loss.png").exists()
     train_clip(_cfg(tmp_path, tmp_path / "b", 2), progress=False)  # stopped after 2 steps
     b = train_clip(_cfg(tmp_path, tmp_path / "b", 5), progress=False)  # resumes and finishes
     assert b["steps"] == 5

@@ -432,11 +432,35 @@ def train_clip(cfg: ClipTrainConfig, *, progress: bool = True) -> dict[str, Any]
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.export_dtype)
         model.eval().save_pretrained(out / "model", dtype=dtype)
         save_resolved(cfg, out / "model" / "recipe.yaml", "clip")
+        plot_losses(log_path, out / "training_loss.png")
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
     return {"steps": state["step"], "pairs": len(pairs), "left_out": skipped, "last": last,
             "model_dir": str(out / "model"), "seconds": time.perf_counter() - t_start}
+
+
+def plot_losses(log_path: Path, png: Path) -> Path | None:
+    """The loss curve from metrics.jsonl as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not log_path.exists():
+        return None
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
 
 
 def _save_ckpt(path: Path, model, opt, distiller, logit_bias, gen, state) -> None:
