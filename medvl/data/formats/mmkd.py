@@ -8,7 +8,7 @@ Layout (MMKD-CLIP, Wang et al. 2025)::
 Each feature file holds, for every teacher in ``available_clips``, the arrays
 ``<Teacher>_img`` and ``<Teacher>_txt`` (cached 512-d features). The file is named by the
 row (``featpath`` / ``feat_path`` / ``feature_path``) or found under the ``features_dir``
-option as ``<image stem>.npz`` / ``.pt`` / ``.npy``. Canonical samples reference the
+option as ``<image stem>``, ``<id>`` or the row number, with ``.npz`` / ``.pt`` / ``.pth`` / ``.npy``. Canonical samples reference the
 arrays, never copy them: ``teacher_features["BiomedCLIP_img"] = "feats/0001.npz#BiomedCLIP_img"``.
 :func:`load_teacher_feature` reads one reference back.
 """
@@ -25,7 +25,7 @@ from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
 
 FEATURE_KEYS = ("featpath", "feat_path", "feature_path", "features")
-FEATURE_EXTS = (".npz", ".pt", ".npy")
+FEATURE_EXTS = (".npz", ".pt", ".pth", ".npy")
 _KNOWN = ("id", "imgpath", "txt", "available_clips") + FEATURE_KEYS
 
 
@@ -39,7 +39,7 @@ def load_teacher_feature(ref: str, root: Path | None = None) -> np.ndarray:
         if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 return np.asarray(z[key]) if key else np.asarray(z[z.files[0]])
-        if p.suffix == ".pt":
+        if p.suffix in (".pt", ".pth"):
             import torch
             obj = torch.load(p, map_location="cpu", weights_only=True)
             val = obj[key] if key else obj
@@ -77,10 +77,10 @@ class MMKDFormat(Format):
                 out.skip(i, rid, "available_clips is not a list")
                 continue
             fpath = next((r[k] for k in FEATURE_KEYS if isinstance(r.get(k), str)), None)
-            if fpath is None and fdir:
-                stem = Path(r["imgpath"]).stem
-                fpath = next((str(Path(fdir) / (stem + e)) for e in FEATURE_EXTS
-                              if (Path(fdir) / (stem + e)).exists()), None)
+            if fpath is None and fdir:  # named by image stem, by the row's id, or by the row number
+                names = [Path(r["imgpath"]).stem, str(rid), f"{i:06d}", str(i)]
+                fpath = next((str(Path(fdir) / (n + e)) for n in names for e in FEATURE_EXTS
+                              if (Path(fdir) / (n + e)).exists()), None)
             tf: dict[str, str] = {}
             if fpath:
                 for t in clips:
