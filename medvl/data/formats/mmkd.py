@@ -8,8 +8,8 @@ Layout (MMKD-CLIP, Wang et al. 2025)::
 Each feature file holds, for every teacher in ``available_clips``, the arrays
 ``<Teacher>_img`` and ``<Teacher>_txt`` (cached 512-d features). The file is named by the
 row (``featpath`` / ``feat_path`` / ``feature_path``) or found under the ``features_dir``
-option as ``<image stem>``, ``<id>`` or the row number, with ``.npz`` / ``.pt`` / ``.pth`` / ``.npy``. Canonical samples reference the
-arrays, never copy them: ``teacher_features["BiomedCLIP_img"] = "feats/0001.npz#BiomedCLIP_img"``.
+option as ``<image stem>``, ``<id>`` or the row number, with ``.npz`` / ``.pt`` / ``.pth`` /
+``.npy``. Canonical samples reference the arrays, never copy them: ``teacher_features["BiomedCLIP_img"] = "feats/0001.npz#BiomedCLIP_img"``.
 :func:`load_teacher_feature` reads one reference back.
 """
 
@@ -55,7 +55,7 @@ class MMKDFormat(Format):
     name = "mmkd-clip"
     description = "MMKD-CLIP meta.jsonl: imgpath, txt, available_clips + per-sample <Teacher>_img/_txt feature files"
     layout = "a meta.jsonl file"
-    read_options = {"features_dir": "folder holding per-sample feature files named by image stem",
+    read_options = {"features_dir": "folder of per-sample feature files (named by image stem, id or row number)",
                     "prompt": "user instruction (default 'Describe the image.')"}
 
     def read(self, path: Path, **options: Any) -> Conversion:
