@@ -1,0 +1,145 @@
+"""The composed VLM: vision tower -> connector -> any Hugging Face causal LM.
+
+The forward is four visible steps (nanoVLM / HF ``LlavaModel`` practice):
+
+1. embed the text ids with the LM's own embedding table;          # [B, T, D]
+2. encode every image (or volume) with the vision tower;            # [n_img, N, Dv]
+3. project with the connector;                                      # [n_img, M, D]
+4. scatter the projected tokens into the ``<image>`` positions, then run the LM on
+   ``inputs_embeds``.
+
+Each image occupies exactly ``M`` consecutive ``<image>`` tokens (the data layer expands
+one placeholder into ``M``); a count that does not match the images raises an error that
+says both numbers, never a silent truncation. The LM is any ``AutoModelForCausalLM``
+(Qwen2/2.5, Llama, Phi-3, Gemma ...) by hub id / local path or built from a config.
+
+Checkpoints: ``save_pretrained`` writes ``config.json`` + ``model.safetensors``;
+:func:`load_vlm` rebuilds the model from the config and loads the weights **strictly**
+(missing or unexpected keys are an error that lists them, unless ``allow_missing``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from medvl.errors import MedvlUserError
+from medvl.models.connectors import ConnectorConfig, build_connector
+from medvl.models.vision_towers import VisionConfig, build_tower
+
+
+class MedVLMConfig(PretrainedConfig):
+    model_type = "medvl_vlm"
+
+    def __init__(self, vision: dict | None = None, connector: dict | None = None, text_config: dict | None = None,
+                 llm_source: str | None = None, image_token_id: int | None = None, **kwargs: Any):
+        self.vision = vision or {}
+        self.connector = connector or {"name": "mlp2x_gelu"}
+        self.text_config_dict = text_config or {}
+        self.llm_source = llm_source
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)
+
+
+class MedVLM(PreTrainedModel):
+    config_class = MedVLMConfig
+    base_model_prefix = "medvl_vlm"
+    _no_split_modules: list = []
+
+    def __init__(self, config: MedVLMConfig, llm: nn.Module | None = None):
+        super().__init__(config)
+        self.vision = build_tower(VisionConfig(**config.vision))
+        if llm is None:
+            if config.llm_source and not config.text_config_dict:
+                llm = AutoModelForCausalLM.from_pretrained(config.llm_source)
+            elif config.text_config_dict:
+                tc = dict(config.text_config_dict)
+                llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(tc.pop("model_type"), **tc))
+            else:
+                raise MedvlUserError("a VLM needs an LM: llm_source (hub id / path) or text_config")
+        self.llm = llm
+        if not config.text_config_dict:
+            config.text_config_dict = self.llm.config.to_dict()
+        hidden = self.llm.config.hidden_size
+        ccfg = ConnectorConfig(**{**config.connector, "grid": list(self.vision.grid)})
+        self.connector = build_connector(ccfg, self.vision.width, hidden)
+        if config.image_token_id is None:
+            raise MedvlUserError("image_token_id is not set (the id of the <image> token in the tokenizer)")
+
+    # -- sizes ------------------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        return self.connector.num_tokens(self.vision.num_tokens())
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    # -- the four steps ----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        text = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
+        mask = input_ids == self.config.image_token_id  # [B, T]
+        n_slots = int(mask.sum())
+        n_img = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_slots != n_img * self.tokens_per_image:
+            raise MedvlUserError(f"{n_slots} image-token positions in the batch but {n_img} image(s) x "
+                                 f"{self.tokens_per_image} tokens each = {n_img * self.tokens_per_image}: the "
+                                 "<image> placeholders do not match the images")
+        if n_img == 0:
+            return text
+        feats = self.connector(self.vision(pixel_values.to(self.device, self.dtype)))  # [n_img, M, D]
+        return text.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(text.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                past_key_values=None, inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                        past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **gen_kwargs: Any) -> torch.Tensor:
+        """New tokens only ([B, new]); prompts left-padded; KV cache on unless disabled."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_vlm(self, out: str | Path) -> Path:
+        from safetensors.torch import save_file
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        (out / "config.json").write_text(self.config.to_json_string())
+        return out
+
+
+def load_vlm(path: str | Path, *, allow_missing: bool = False) -> MedVLM:
+    """Rebuild from config.json, load model.safetensors strictly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for f in ("config.json", "model.safetensors"):
+        if not (path / f).exists():
+            raise MedvlUserError(f"not a medvl VLM checkpoint: {f} is missing", path=path)
+    cfg = MedVLMConfig(**{k: v for k, v in json.loads((path / "config.json").read_text()).items()
+                          if k not in ("model_type", "transformers_version")})
+    model = MedVLM(cfg)
+    state = load_file(str(path / "model.safetensors"))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if (missing or unexpected) and not allow_missing:
+        raise MedvlUserError(f"checkpoint does not match the model: {len(missing)} missing key(s) "
+                             f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]} "
+                             "(pass allow_missing=True to load anyway)", path=path)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model.eval()

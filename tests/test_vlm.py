@@ -1,0 +1,113 @@
+"""Composed VLM groundwork: connectors, towers, the model's four steps, collation."""
+
+import pytest
+import torch
+
+from medvl.data.collate import IGNORE, VLMCollator
+from medvl.data.schema import Media, Sample, Turn
+from medvl.errors import MedvlUserError
+from medvl.models.connectors import CONNECTORS
+from medvl.models.tokenizers import build_bpe_tokenizer
+from medvl.models.vlm import MedVLM, MedVLMConfig, load_vlm
+
+SIGLIP = {"name": "hf", "hf_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from medvl.data.bundled import load_bundled
+    texts = [t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation]
+    return build_bpe_tokenizer(texts, vocab_size=400)
+
+
+def make(tok, connector="mlp2x_gelu", vision=SIGLIP):
+    torch.manual_seed(0)
+    cfg = MedVLMConfig(vision=vision, connector={"name": connector},
+                       text_config={"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": 32,
+                                    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "num_key_value_heads": 1, "tie_word_embeddings": True},
+                       image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return MedVLM(cfg).eval()
+
+
+@pytest.mark.parametrize("name", CONNECTORS.names())
+def test_every_connector_runs(tok, name):
+    m = make(tok, name)
+    n = m.tokens_per_image
+    ids = torch.tensor([[1] + [m.config.image_token_id] * n + [2]])
+    assert m(ids, pixel_values=torch.randn(1, 3, 32, 32)).logits.shape == (1, n + 2, len(tok))
+
+
+def test_placeholder_mismatch_raises(tok):
+    m = make(tok)
+    ids = torch.tensor([[1, m.config.image_token_id, 2]])
+    with pytest.raises(MedvlUserError, match="do not match the images"):
+        m(ids, pixel_values=torch.randn(1, 3, 32, 32))
+
+
+def test_kv_cache_generation_equals_no_cache_and_strict_reload(tok, tmp_path):
+    m = make(tok)
+    ids = torch.tensor([[1] + [m.config.image_token_id] * m.tokens_per_image + [20, 21]])
+    px = torch.randn(1, 3, 32, 32)
+    a = m.generate(ids, torch.ones_like(ids), px, max_new_tokens=6, do_sample=False)
+    b = m.generate(ids, torch.ones_like(ids), px, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+    m.save_vlm(tmp_path / "v")
+    back = load_vlm(tmp_path / "v")
+    assert torch.allclose(back(ids, pixel_values=px).logits, m(ids, pixel_values=px).logits)
+    from safetensors.torch import load_file, save_file
+    st = load_file(str(tmp_path / "v" / "model.safetensors"))
+    st.pop(next(k for k in st if k.startswith("connector")))
+    save_file(st, str(tmp_path / "v" / "model.safetensors"))
+    with pytest.raises(MedvlUserError, match="1 missing key"):
+        load_vlm(tmp_path / "v")
+    assert load_vlm(tmp_path / "v", allow_missing=True) is not None
+
+
+def test_3d_towers(tok):
+    vit3d = {"name": "vit3d", "volume_size": [8, 32, 32], "patch_size": [4, 16, 16], "width": 32, "depth": 1, "heads": 2}
+    m = make(tok, "spatial_pooling", vit3d)
+    assert m.vision.grid == [2, 2, 2]
+    ids = torch.tensor([[1] + [m.config.image_token_id] * m.tokens_per_image])
+    assert m(ids, pixel_values=torch.randn(1, 1, 8, 32, 32)).logits.shape[1] == 1 + m.tokens_per_image
+    slices = {"name": "slice2d", "volume_size": [8, 32, 32], "slice_stride": 4, "inner": SIGLIP}
+    s = make(tok, "linear", slices)
+    ids = torch.tensor([[1] + [s.config.image_token_id] * s.tokens_per_image])
+    assert s(ids, pixel_values=torch.randn(1, 1, 8, 32, 32)).logits.shape[1] == 1 + 2 * 16
+
+
+def test_collator_masks_all_but_assistant_and_expands_images(tok):
+    c = VLMCollator(tok, tokens_per_image=4, max_length=128)
+    s = Sample("q1", [Media("a.png")], [Turn("user", "<image>\nIs there an effusion?"), Turn("assistant", "yes")])
+    e = c.encode(s)
+    assert e.input_ids.count(c.image_token_id) == 4
+    learned = tok.decode([t for t, l in zip(e.input_ids, e.labels) if l != IGNORE])
+    assert learned == "yes<|im_end|>\n" or learned.startswith("yes<|im_end|>")
+    prompt = tok.decode(c.prompt_ids(s))
+    assert prompt.endswith("<|im_start|>assistant\n") and "yes" not in prompt.split("assistant")[-1]
+    batch = c([e, c.encode(Sample("q2", [Media("b.png")], [Turn("user", "<image>What organ?"), Turn("assistant", "the chest")]))])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+
+
+def test_collator_never_cuts_image_tokens(tok):
+    c = VLMCollator(tok, tokens_per_image=50, max_length=40)
+    s = Sample("long", [Media("a.png")], [Turn("user", "<image>\nQ?"), Turn("assistant", "yes")])
+    assert c.encode(s) is None and sum(c.stats.dropped.values()) == 1
+    strict = VLMCollator(tok, tokens_per_image=50, max_length=40, overflow="error")
+    with pytest.raises(MedvlUserError, match="cut image tokens"):
+        strict.encode(s)
+    bad = Sample("bad", [Media("a.png"), Media("b.png")], [Turn("user", "<image> one"), Turn("assistant", "x")])
+    with pytest.raises(MedvlUserError, match="placeholder"):
+        c.encode(bad)
+
+
+def test_shipped_clip_tower_in_a_vlm(tok):
+    pytest.importorskip("open_clip")
+    from medvl.models.clip import PRETRAINED_DIR
+    if not (PRETRAINED_DIR / "medclip-r10t-minilm").exists():
+        pytest.skip("shipped CLIP not in this checkout")
+    m = make(tok, "mlp2x_gelu", {"name": "medclip", "source": "medclip-r10t-minilm"})
+    assert m.vision.grid == [4, 4] and m.vision.width == 512  # resnet10t, 128 px, stride 32
+    ids = torch.tensor([[1] + [m.config.image_token_id] * m.tokens_per_image + [20]])
+    assert m(ids, pixel_values=torch.randn(1, 3, 128, 128)).logits.shape[1] == 18
