@@ -1,0 +1,193 @@
+"""The ``vlm`` recipe (first cut): supervised training of a composed VLM on canonical data.
+
+Stages differ only in what trains (declared per module: ``frozen`` or ``full``):
+
+* ``align`` — connector only (LLaVA stage 1 / MedM-VL pretrain);
+* ``sft`` — connector + LM (LLaVA stage 2 / MedM-VL finetune);
+* ``vision-tune`` — vision tower + connector, LM frozen (medcap).
+
+When the vision tower is frozen its tokens are computed once per distinct image and cached
+(the tower is deterministic in eval mode), so each step costs the connector and the LM.
+Loss is on assistant tokens only (:class:`medvl.data.collate.VLMCollator`). Not in this
+cut yet: LoRA, packing, HF Trainer / DeepSpeed engines, native HF VLMs (see the issue).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvl.errors import MedvlUserError
+
+STAGES = {"align": {"vision": "frozen", "connector": "full", "llm": "frozen"},
+          "sft": {"vision": "frozen", "connector": "full", "llm": "full"},
+          "vision-tune": {"vision": "full", "connector": "full", "llm": "frozen"}}
+
+
+@dataclass
+class VLMTrainConfig:
+    stage: str = "sft"
+    vision: dict = field(default_factory=lambda: {"name": "medclip", "source": "medclip-r10t-minilm"})
+    connector: dict = field(default_factory=lambda: {"name": "mlp2x_gelu"})
+    llm: dict = field(default_factory=lambda: {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704,
+                                               "num_hidden_layers": 4, "num_attention_heads": 4,
+                                               "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                               "max_position_embeddings": 512})
+    """an LM config (trained from scratch), or {"source": hub id / path}"""
+    vocab_size: int = 1024
+    """size of the BPE tokenizer trained on the training texts (LM from scratch only)"""
+    freeze: dict = field(default_factory=dict)
+    """per-module overrides of the stage's policy: {vision|connector|llm: frozen|full}"""
+    question_only: bool = False
+    """drop the images (and their placeholders): the language-prior baseline"""
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_length: int = 128
+    precision: str = "bf16"
+    seed: int = 0
+    output_dir: str = "runs/vlm"
+    log_every: int = 20
+
+
+def strip_images(samples):
+    """Copies of the samples without images or placeholders."""
+    from medvl.data.schema import Sample, Turn
+    out = []
+    for s in samples:
+        conv = [Turn(t.role, t.text.replace("<image>\n", "").replace("<image>", "")) for t in s.conversation]
+        out.append(Sample(s.id, [], conv, s.boxes, s.labels, s.teacher_features, s.meta))
+    return out
+
+
+def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
+    from medvl.models.tokenizers import build_bpe_tokenizer
+    from medvl.models.vlm import MedVLM, MedVLMConfig
+
+    if "source" in cfg.llm:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg.llm["source"])
+        if "<image>" not in tok.get_vocab():
+            tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, llm_source=cfg.llm["source"],
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+        model = MedVLM(mcfg)
+        model.llm.resize_token_embeddings(len(tok))
+    else:
+        tok = build_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+        tc = dict(cfg.llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=tok.bos_token_id)
+        mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, text_config=tc,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+        model = MedVLM(mcfg)
+    return model, tok
+
+
+def image_loader_for(model):
+    """Path -> pixel tensor with the tower's preprocessing (medical I/O underneath)."""
+    from medvl.data.imageio import load_medical
+    from medvl.data.transforms import preprocess_2d
+
+    size = getattr(model.vision, "image_size", 0) or 224
+
+    def load(media) -> torch.Tensor:
+        return torch.from_numpy(preprocess_2d(load_medical(media.path), size, mode="pad"))
+    return load
+
+
+def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from medvl.data.collate import VLMCollator
+
+    if cfg.stage not in STAGES:
+        raise MedvlUserError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    policy = {**STAGES[cfg.stage], **cfg.freeze}
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    samples = strip_images(train_samples) if cfg.question_only else list(train_samples)
+    texts = [t.text.replace("<image>", " ") for s in samples for t in s.conversation]
+    model, tok = build_model_and_tokenizer(cfg, texts)
+    for name in ("vision", "connector", "llm"):
+        for p in getattr(model, name).parameters():
+            p.requires_grad = policy[name] == "full"
+    collator = VLMCollator(tok, tokens_per_image=model.tokens_per_image, max_length=cfg.max_length)
+    encoded = [e for e in (collator.encode(s) for s in samples) if e is not None]
+    if not encoded:
+        raise MedvlUserError("no training sample survived encoding: " + json.dumps(collator.stats.dropped))
+    load = image_loader_for(model)
+    cache: dict[str, torch.Tensor] = {}
+    if policy["vision"] == "frozen":
+        model.vision.eval()
+        paths = sorted({m.path for e in encoded for m in e.images})
+        with torch.no_grad():
+            for p in tqdm(paths, desc="caching vision tokens", unit="img", disable=not progress):
+                from medvl.data.schema import Media
+                cache[p] = model.vision(load(Media(p))[None])[0]  # [N, Dv]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    log, t0, seen, step = [], time.perf_counter(), 0, 0
+    model.train()
+    if policy["vision"] == "frozen":
+        model.vision.eval()
+    bar = tqdm(total=total, desc=f"vlm {cfg.stage}{' (question only)' if cfg.question_only else ''}",
+               unit="step", disable=not progress)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(encoded), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            batch = [encoded[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+            enc = collator(batch)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast:
+                text = model.llm.get_input_embeddings()(enc["input_ids"])  # [B, T, D]
+                imgs = [m for e in batch for m in e.images]
+                if imgs:
+                    if cache:
+                        vt = torch.stack([cache[m.path] for m in imgs])  # [n, N, Dv]
+                    else:
+                        vt = model.vision(torch.stack([load(m) for m in imgs]))
+                    feats = model.connector(vt)
+                    mask = (enc["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+                    text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
+                loss = model.llm(inputs_embeds=text, attention_mask=enc["attention_mask"], labels=enc["labels"]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            seen += len(batch)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr,
+                       "samples_per_s": seen / (time.perf_counter() - t0)}
+                log.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rec['samples_per_s']:.1f}")
+    bar.close()
+    model.eval()
+    model.save_vlm(out / "model")
+    tok.save_pretrained(str(out / "model"))
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+    from medvl.train.config import save_resolved
+    save_resolved(cfg, out / "model" / "recipe.yaml", "vlm")
+    return {"model": model, "tokenizer": tok, "collator": collator, "steps": step,
+            "seconds": time.perf_counter() - t0, "dropped": collator.stats.dropped, "log": log,
+            "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
