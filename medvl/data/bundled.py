@@ -1,8 +1,9 @@
 """Datasets shipped inside the package, loadable with no download.
 
 ``vqa-rad``: VQA-RAD (Lau et al., "A dataset of clinically generated visual questions and
-answers about radiology images", Sci Data 5, 180251, 2018; CC0 1.0), 315 images with the
-published train (3,064) / test (451) questions, images downsampled to 256 px on the
+answers about radiology images", Sci Data 5, 180251, 2018; CC0 1.0): the 314 images its
+questions use (315 are published), the published train (3,064) / test (451) questions,
+images downsampled to 256 px on the
 longest side (JPEG quality 85) so the package stays small. Rebuilt from the original
 files by ``scripts/build_bundled_vqa_rad.py``; the normalisations applied are those of
 the ``vqa-rad`` reader (:mod:`medvl.data.formats.vqa_rad`). As published, the split is by
