@@ -8,4 +8,12 @@ __version__ = "0.1.0"
 
 from medvl.errors import MedvlUserError  # noqa: E402
 
-__all__ = ["MedvlUserError", "__version__"]
+
+
+def load(path):
+    """A trained VLM folder -> a pipeline with ``.answer(image, question)`` and ``.predict(...)``."""
+    from medvl.generate.pipeline import load as _load
+    return _load(path)
+
+
+__all__ = ["MedvlUserError", "__version__", "load"]

@@ -151,3 +151,24 @@ def test_vlm_question_only_and_align_stage(tmp_path):
     m = res["model"]
     assert all(p.requires_grad for p in m.connector.parameters())
     assert not any(p.requires_grad for p in m.llm.parameters())
+
+
+def test_predict_and_chat_commands(tmp_path, capsys):
+    import json
+
+    import medvl
+    from medvl.cli import main
+    from medvl.data.bundled import load_bundled
+    from medvl.train.vlm import train_vlm
+    train_vlm(_tiny_cfg(tmp_path), load_bundled("vqa-rad", "train")[:16], progress=False)
+    model_dir = tmp_path / "vlm" / "model"
+    pipe = medvl.load(model_dir)
+    assert isinstance(pipe.answer(load_bundled("vqa-rad", "test")[0].images[0].path, "Is this normal?",
+                                  max_new_tokens=3), str)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--model", str(model_dir), "--data", "vqa-rad/test", "--out", str(out),
+                 "--max-new-tokens", "2", "--batch-size", "64"]) == 0
+    assert len(out.read_text().splitlines()) == 451
+    assert json.loads(out.read_text().splitlines()[0]).keys() == {"id", "prediction"}
+    assert main(["chat", "--model", str(model_dir), "--image", str(tmp_path / "none.png"), "hi"]) == 2
+    assert "image file not found" in capsys.readouterr().err

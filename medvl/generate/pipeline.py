@@ -1,0 +1,53 @@
+"""A loaded VLM ready to answer: model + tokenizer + collator + image loader.
+
+``medvl.load(path)`` returns a :class:`VLMPipeline`; ``medvl predict`` and ``medvl chat``
+use the same object. Images may be any file medvl reads (PNG/JPEG, DICOM, NIfTI, .npy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from medvl.data.schema import Media, Sample, Turn
+from medvl.errors import MedvlUserError
+
+
+class VLMPipeline:
+    def __init__(self, path: str | Path, max_length: int = 512):
+        from transformers import AutoTokenizer
+
+        from medvl.data.collate import VLMCollator
+        from medvl.models.vlm import load_vlm
+        from medvl.train.vlm import image_loader_for
+
+        path = Path(path)
+        if not path.is_dir():
+            raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)",
+                                 path=path)
+        self.model = load_vlm(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except OSError as e:
+            raise MedvlUserError(f"no tokenizer saved with the model ({e})", path=path) from None
+        self.collator = VLMCollator(self.tokenizer, tokens_per_image=self.model.tokens_per_image,
+                                    max_length=max_length)
+        self.image_fn = image_loader_for(self.model)
+
+    def answer(self, image: str | Path | None, question: str, max_new_tokens: int = 64, **gen) -> str:
+        from medvl.generate.batched import generate_answers
+        images = [Media(str(image))] if image else []
+        text = ("<image>\n" if image else "") + question
+        s = Sample("chat", images, [Turn("user", text)])
+        return next(generate_answers(self.model, self.collator, [s], self.image_fn, batch_size=1,
+                                     max_new_tokens=max_new_tokens, **gen))[1]
+
+    def predict(self, samples: Sequence[Sample], out: str | Path, batch_size: int = 32,
+                max_new_tokens: int = 64, progress: bool = True) -> int:
+        from medvl.generate.batched import predict_to_file
+        return predict_to_file(self.model, self.collator, samples, self.image_fn, out, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress)
+
+
+def load(path: str | Path) -> VLMPipeline:
+    return VLMPipeline(path)
