@@ -115,11 +115,12 @@ def test_shipped_clip_tower_in_a_vlm(tok):
 
 def _tiny_cfg(tmp_path, **kw):
     from medvl.train.vlm import VLMTrainConfig
-    return VLMTrainConfig(vision=SIGLIP, llm={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
-                                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                              "tie_word_embeddings": True},
-                          vocab_size=300, epochs=1, batch_size=8, warmup_steps=1, precision="fp32",
-                          output_dir=str(tmp_path / "vlm"), log_every=1, **kw)
+    args = dict(vision=SIGLIP, llm={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                    "tie_word_embeddings": True},
+                vocab_size=300, epochs=1, batch_size=8, warmup_steps=1, precision="fp32",
+                output_dir=str(tmp_path / "vlm"), log_every=1)
+    return VLMTrainConfig(**{**args, **kw})
 
 
 def test_vlm_recipe_trains_generates_and_predict_resumes(tmp_path):
@@ -147,7 +148,9 @@ def test_vlm_question_only_and_align_stage(tmp_path):
     train = load_bundled("vqa-rad", "train")[:16]
     res = train_vlm(_tiny_cfg(tmp_path, question_only=True), train, progress=False)
     assert res["steps"] == 2
-    res = train_vlm(_tiny_cfg(tmp_path, stage="align"), train, progress=False)
+    with pytest.raises(MedvlUserError, match="different run"):  # same output_dir, another stage
+        train_vlm(_tiny_cfg(tmp_path, stage="align"), train, progress=False)
+    res = train_vlm(_tiny_cfg(tmp_path, stage="align", output_dir=str(tmp_path / "align")), train, progress=False)
     m = res["model"]
     assert all(p.requires_grad for p in m.connector.parameters())
     assert not any(p.requires_grad for p in m.llm.parameters())
@@ -172,3 +175,32 @@ def test_predict_and_chat_commands(tmp_path, capsys):
     assert json.loads(out.read_text().splitlines()[0]).keys() == {"id", "prediction"}
     assert main(["chat", "--model", str(model_dir), "--image", str(tmp_path / "none.png"), "hi"]) == 2
     assert "image file not found" in capsys.readouterr().err
+
+
+def test_vlm_recipe_resumes_and_takes_volumes(tmp_path):
+    import numpy as np
+
+    from medvl.data.schema import Media, Sample, Turn
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
+    from medvl.data.bundled import load_bundled
+    train = load_bundled("vqa-rad", "train")[:16]
+    a = train_vlm(_tiny_cfg(tmp_path, epochs=2), train, progress=False)
+    cfg_b = _tiny_cfg(tmp_path, epochs=2)
+    cfg_b.output_dir = str(tmp_path / "b")
+    one = _tiny_cfg(tmp_path, epochs=2, stop_after_epochs=1)
+    one.output_dir = cfg_b.output_dir
+    train_vlm(one, train, progress=False)       # stopped after epoch 1
+    b = train_vlm(cfg_b, train, progress=False)  # resumes for epoch 2
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    assert all(torch.allclose(sa[k], sb[k]) for k in sa)
+    assert {"tokens_per_s", "mfu"} <= set(a["log"][-1])
+    for i in range(4):
+        np.save(tmp_path / f"v{i}.npy", np.random.default_rng(i).normal(size=(8, 32, 32)).astype("float32"))
+    vols = [Sample(f"v{i}", [Media(str(tmp_path / f"v{i}.npy"), kind="volume")],
+                   [Turn("user", "<image>\nWhich organ?"), Turn("assistant", "liver")]) for i in range(4)]
+    cfg3 = VLMTrainConfig(vision={"name": "vit3d", "volume_size": [8, 32, 32], "patch_size": [4, 16, 16],
+                                  "width": 32, "depth": 1, "heads": 2},
+                          connector={"name": "spatial_pooling"}, llm=_tiny_cfg(tmp_path).llm, vocab_size=300,
+                          epochs=1, batch_size=2, warmup_steps=1, precision="fp32", output_dir=str(tmp_path / "v3"))
+    r = train_vlm(cfg3, vols, progress=False)
+    assert r["steps"] == 2
