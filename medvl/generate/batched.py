@@ -29,11 +29,21 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = tqdm(total=len(prompts), desc="generating", unit="answer", disable=not progress)
+    decoded: dict = {}  # questions often share an image: decode and preprocess each file once
+
+    def pixels(media):
+        key = media.path
+        if key is None:
+            return image_fn(media)
+        if key not in decoded:
+            decoded[key] = image_fn(media)
+        return decoded[key]
+
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids = collator.pad([p for _, p in chunk], pad, side="left")
         mask = collator.pad([[1] * len(p) for _, p in chunk], 0, side="left")
-        imgs = [image_fn(m) for s, _ in chunk for m in s.images]
+        imgs = [pixels(m) for s, _ in chunk for m in s.images]
         px = torch.stack(imgs) if imgs else None
         with torch.no_grad():
             out = model.generate(ids, mask, px, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,

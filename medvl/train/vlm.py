@@ -61,6 +61,8 @@ class VLMTrainConfig:
     seed: int = 0
     output_dir: str = "runs/vlm"
     log_every: int = 20
+    group_by_length: bool = True
+    """batch samples of similar length (little padding, no cross-sample attention as packing would need)"""
     stop_after_epochs: int = 0
     """end this run after N epochs (checkpoint kept; a rerun resumes) — for time-boxed jobs"""
     peak_gflops: float = 0.0
@@ -186,8 +188,17 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                unit="step", disable=not progress)
     for epoch in range(start_epoch, cfg.epochs):
         order = torch.randperm(len(encoded), generator=gen).tolist()
-        for b in range(steps_per_epoch):
-            batch = [encoded[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+        batches = [order[b * cfg.batch_size:(b + 1) * cfg.batch_size] for b in range(steps_per_epoch)]
+        if cfg.group_by_length:  # sort within windows of 32 batches, then shuffle the batches
+            win = 32 * cfg.batch_size
+            grouped = []
+            for w in range(0, len(order), win):
+                chunk = sorted(order[w:w + win], key=lambda i: len(encoded[i].input_ids))
+                grouped += [chunk[k:k + cfg.batch_size] for k in range(0, len(chunk), cfg.batch_size)]
+            perm = torch.randperm(len(grouped), generator=gen).tolist()
+            batches = [grouped[k] for k in perm]
+        for b, idx in enumerate(batches):
+            batch = [encoded[i] for i in idx]
             enc = collator(batch)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
