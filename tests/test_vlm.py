@@ -204,3 +204,18 @@ def test_vlm_recipe_resumes_and_takes_volumes(tmp_path):
                           epochs=1, batch_size=2, warmup_steps=1, precision="fp32", output_dir=str(tmp_path / "v3"))
     r = train_vlm(cfg3, vols, progress=False)
     assert r["steps"] == 2
+
+
+def test_vlm_lora_trains_adapters_and_exports_merged(tmp_path):
+    pytest.importorskip("peft")
+    from medvl.data.bundled import load_bundled
+    from medvl.models.vlm import load_vlm
+    from medvl.train.vlm import train_vlm
+    train = load_bundled("vqa-rad", "train")[:16]
+    res = train_vlm(_tiny_cfg(tmp_path, freeze={"llm": "lora"}), train, progress=False)
+    back = load_vlm(tmp_path / "vlm" / "model")  # merged: loads without peft, strictly
+    assert not any("lora" in k for k in back.state_dict())
+    assert res["steps"] == 2
+    with pytest.raises(MedvlUserError, match="match no layer"):
+        train_vlm(_tiny_cfg(tmp_path, freeze={"llm": "lora"}, lora={"target_modules": ["nothing_here"]},
+                            output_dir=str(tmp_path / "x")), train, progress=False)

@@ -48,7 +48,10 @@ class VLMTrainConfig:
     vocab_size: int = 1024
     """size of the BPE tokenizer trained on the training texts (LM from scratch only)"""
     freeze: dict = field(default_factory=dict)
-    """per-module overrides of the stage's policy: {vision|connector|llm: frozen|full}"""
+    """per-module overrides of the stage's policy: {vision|connector|llm: frozen|full|lora}"""
+    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                "target_modules": r".*\.(q_proj|k_proj|v_proj|o_proj)$"})
+    """LoRA settings for modules whose policy is 'lora' (peft); adapters are merged at export"""
     question_only: bool = False
     """drop the images (and their placeholders): the language-prior baseline"""
     epochs: int = 10
@@ -102,6 +105,20 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
     return model, tok
 
 
+def _with_lora(module, lora: dict, name: str):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise MedvlUserError("LoRA needs peft: pip install 'medvl[train]'") from None
+    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+                     lora_dropout=float(lora.get("dropout", 0.0)), target_modules=lora.get("target_modules"))
+    try:
+        return get_peft_model(module, cfg)
+    except ValueError as e:
+        raise MedvlUserError(f"LoRA on {name}: target_modules {lora.get('target_modules')!r} match no layer "
+                             f"({str(e)[:120]})") from None
+
+
 def image_loader_for(model):
     """Path -> pixel tensor with the tower's preprocessing (medical I/O underneath)."""
     from medvl.data.imageio import load_medical
@@ -138,8 +155,12 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     model, tok = build_model_and_tokenizer(cfg, texts)  # the BPE training is deterministic, so a resume
     # rebuilds the same vocabulary
     for name in ("vision", "connector", "llm"):
+        if policy[name] not in ("frozen", "full", "lora"):
+            raise MedvlUserError(f"freeze.{name} must be frozen, full or lora, got {policy[name]!r}")
         for p in getattr(model, name).parameters():
             p.requires_grad = policy[name] == "full"
+        if policy[name] == "lora":
+            setattr(model, name, _with_lora(getattr(model, name), cfg.lora, name))
     collator = VLMCollator(tok, tokens_per_image=model.tokens_per_image, max_length=cfg.max_length)
     encoded = [e for e in (collator.encode(s) for s in samples) if e is not None]
     if not encoded:
@@ -239,6 +260,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
             break
     bar.close()
     model.eval()
+    for name in ("vision", "connector", "llm"):
+        if policy[name] == "lora":  # export merged weights: a plain model, no peft needed to load it
+            setattr(model, name, getattr(model, name).merge_and_unload())
     model.save_vlm(out / "model")
     tok.save_pretrained(str(out / "model"))
     (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
