@@ -89,7 +89,7 @@ STABLE_CUE = [r"stable", r"unchanged", r"not changed", r"similar to prior", r"si
 ALWAYS_UNCERTAIN = re.compile(r"vascular congestion|pulmonary congestion|indistinctness|vascular prominence")
 
 BREAKS = {"but", "however", "although", "though", "which", "whereas", "while", "except",
-          "aside", "apart", "otherwise", "given", "since", "because", "though"}
+          "aside", "apart", "otherwise", "given", "since", "because"}
 NEW_CLAUSE_AFTER_AND = {"the", "a", "an", "there", "no", "it", "this", "these", "that", "is", "are",
                         "heart", "lungs", "lung", "cardiac", "mediastinal", "interval", "pulmonary",
                         "osseous", "bony", "visualized", "mild", "moderate", "severe", "small",

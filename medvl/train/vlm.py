@@ -218,7 +218,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                 grouped += [chunk[k:k + cfg.batch_size] for k in range(0, len(chunk), cfg.batch_size)]
             perm = torch.randperm(len(grouped), generator=gen).tolist()
             batches = [grouped[k] for k in perm]
-        for b, idx in enumerate(batches):
+        for idx in batches:
             batch = [encoded[i] for i in idx]
             enc = collator(batch)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))

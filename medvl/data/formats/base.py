@@ -97,7 +97,7 @@ def load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as first:
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for line in text.splitlines():
             if not line.strip():
                 continue
             try:

@@ -87,7 +87,7 @@ class ShareGPTFormat(Format):
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
         out = Conversion()
         rows = []
-        for i, s in enumerate(samples):
+        for s in samples:
             turns = writable_turns(s, options.get("box_style"))
             row: dict[str, Any] = {}
             if s.meta.get("system_column") and turns and turns[0].role == "system":
