@@ -1,0 +1,149 @@
+"""Native Hugging Face VLMs (LLaVA, Qwen2-VL, Qwen2.5-VL ...) behind medvl's interface.
+
+``NativeVLM`` pairs an ``AutoModelForImageTextToText`` with its ``AutoProcessor`` and offers
+what the composed model offers: encode canonical samples (the processor expands image
+tokens — Qwen2-VL's count depends on the image's grid), collate, train with a loss on the
+answer only, and batched left-padded generation. First cut: the loss covers the **last**
+assistant turn (the prompt is rendered with the generation prompt and its length masked),
+which is every VQA and report sample; earlier assistant turns of multi-turn chats are
+context only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from medvl.data.schema import IMAGE_TOKEN, Sample
+from medvl.errors import MedvlUserError
+
+IGNORE = -100
+#: what one ``<image>`` becomes in the chat text, by model type (the processor expands it)
+IMAGE_TEXT = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+              "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+class NativeVLM:
+    def __init__(self, model, processor, max_length: int = 1024):
+        self.model = model
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.max_length = max_length
+        mtype = model.config.model_type
+        self.image_text = IMAGE_TEXT.get(mtype, getattr(processor, "image_token", IMAGE_TOKEN))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw: Any) -> "NativeVLM":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        try:
+            return cls(AutoModelForImageTextToText.from_pretrained(str(path)), AutoProcessor.from_pretrained(str(path)), **kw)
+        except OSError as e:
+            raise MedvlUserError(f"cannot load the VLM {str(path)!r} ({e})") from None
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        self.model.save_pretrained(str(out))
+        self.processor.save_pretrained(str(out))
+        return out
+
+    # -- text ---------------------------------------------------------------------------------
+    def _text(self, sample: Sample, with_answer: bool) -> str:
+        turns = list(sample.conversation)
+        if not with_answer and turns and turns[-1].role == "assistant":
+            turns = turns[:-1]
+        msgs = [{"role": t.role, "content": t.text.replace(IMAGE_TOKEN, self.image_text)} for t in turns]
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not with_answer)
+
+    def _images(self, sample: Sample) -> list:
+        from medvl.data.imageio import load_medical, to_pil
+        return [to_pil(load_medical(m.path)) for m in sample.images]
+
+    def encode(self, sample: Sample) -> dict[str, torch.Tensor] | None:
+        n_ph = sum(t.text.count(IMAGE_TOKEN) for t in sample.conversation)
+        if n_ph != len(sample.images):
+            raise MedvlUserError(f"{n_ph} <image> placeholder(s) but {len(sample.images)} image(s)",
+                                 record=f"id={sample.id!r}")
+        images = self._images(sample) or None
+        full = self.processor(text=[self._text(sample, True)], images=images, return_tensors="pt")
+        prompt = self.processor(text=[self._text(sample, False)], images=images, return_tensors="pt")
+        n = full["input_ids"].shape[1]
+        if n > self.max_length:
+            return None  # the caller counts it; image tokens are never cut
+        labels = full["input_ids"].clone()
+        labels[:, : prompt["input_ids"].shape[1]] = IGNORE
+        out = {k: v for k, v in full.items()}
+        out["labels"] = labels
+        return out
+
+    def collate(self, items: Sequence[dict[str, torch.Tensor]], side: str = "right") -> dict[str, torch.Tensor]:
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        L = max(x["input_ids"].shape[1] for x in items)
+        out: dict[str, Any] = {}
+        for key, value in (("input_ids", pad), ("attention_mask", 0), ("labels", IGNORE), ("mm_token_type_ids", 0)):
+            if key not in items[0]:
+                continue
+            t = torch.full((len(items), L), value, dtype=items[0][key].dtype)
+            for i, x in enumerate(items):
+                n = x[key].shape[1]
+                if side == "right":
+                    t[i, :n] = x[key][0]
+                else:
+                    t[i, L - n:] = x[key][0]
+            out[key] = t
+        for key in ("pixel_values", "image_grid_thw"):
+            vals = [x[key] for x in items if key in x]
+            if vals:
+                out[key] = torch.cat(vals, dim=0)
+        return out
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, samples: Sequence[Sample], batch_size: int = 16, max_new_tokens: int = 32,
+                 **gen: Any) -> list[str]:
+        answers = []
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            texts = [self._text(s, False) for s in chunk]
+            images = [im for s in chunk for im in self._images(s)] or None
+            self.tok.padding_side = "left"
+            enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=gen.pop("do_sample", False),
+                                      pad_token_id=self.tok.pad_token_id, **gen)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
+        return answers
+
+
+def train_native(vlm: NativeVLM, samples: Sequence[Sample], *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-3,
+                 precision: str = "bf16", seed: int = 0) -> dict[str, Any]:
+    """Minimal SFT loop for a native VLM (the same loss convention as the composed one)."""
+    import time
+    torch.manual_seed(seed)
+    encoded, dropped = [], 0
+    for s in samples:
+        e = vlm.encode(s)
+        if e is None:
+            dropped += 1
+        else:
+            encoded.append(e)
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    vlm.model.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    gen = torch.Generator().manual_seed(seed)
+    losses, t0, seen = [], time.perf_counter(), 0
+    for _ in range(epochs):
+        order = torch.randperm(len(encoded), generator=gen).tolist()
+        for b in range(0, len(order), batch_size):
+            batch = vlm.collate([encoded[i] for i in order[b:b + batch_size]])
+            with autocast:
+                loss = vlm.model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            seen += len(order[b:b + batch_size])
+    vlm.model.eval()
+    return {"losses": losses, "dropped": dropped, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
