@@ -64,6 +64,10 @@ class VLMTrainConfig:
     seed: int = 0
     output_dir: str = "runs/vlm"
     log_every: int = 20
+    packing: bool = False
+    """pack samples into rows of pack_length tokens with per-sample position ids, no attention across
+    samples (transformers builds block-causal masks from restarting position ids); no padding at all"""
+    pack_length: int = 1024
     group_by_length: bool = True
     """batch samples of similar length (little padding, no cross-sample attention as packing would need)"""
     stop_after_epochs: int = 0
@@ -103,6 +107,44 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
                             image_token_id=tok.convert_tokens_to_ids("<image>"))
         model = MedVLM(mcfg)
     return model, tok
+
+
+def pack(encoded: list, pack_length: int, order: list[int]) -> list[list[int]]:
+    """First-fit-decreasing bins of sample indices whose lengths sum to <= pack_length."""
+    items = sorted(order, key=lambda i: -len(encoded[i].input_ids))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in items:
+        n = len(encoded[i].input_ids)
+        for k, r in enumerate(room):
+            if n <= r:
+                bins[k].append(i)
+                room[k] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(pack_length - n)
+    return bins
+
+
+def packed_batch(rows: list[list], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of Encoded samples -> input_ids / labels / position_ids (restarting per sample), right-padded
+    to the longest row; padding gets label -100 and its own position run."""
+    from medvl.data.collate import IGNORE
+    L = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, row in enumerate(rows):
+        k = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, k:k + n] = torch.tensor(e.input_ids)
+            labels[r, k:k + n] = torch.tensor(e.labels)
+            pos[r, k:k + n] = torch.arange(n)
+            k += n
+        pos[r, k:] = torch.arange(L - k)  # padding: a separate "sequence"
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def _with_lora(module, lora: dict, name: str):
@@ -177,6 +219,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    if cfg.packing:
+        n_bins = len(pack(encoded, cfg.pack_length, list(range(len(encoded)))))
+        steps_per_epoch = math.ceil(n_bins / max(1, round(cfg.batch_size / max(1.0, len(encoded) / n_bins))))
     total = steps_per_epoch * cfg.epochs
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +255,14 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     for epoch in range(start_epoch, cfg.epochs):
         order = torch.randperm(len(encoded), generator=gen).tolist()
         batches = [order[b * cfg.batch_size:(b + 1) * cfg.batch_size] for b in range(steps_per_epoch)]
-        if cfg.group_by_length:  # sort within windows of 32 batches, then shuffle the batches
+        if cfg.packing:  # rows of packed samples; one step takes rows worth ~batch_size samples
+            bins = pack(encoded, cfg.pack_length, order)
+            per_row = max(1.0, len(encoded) / len(bins))
+            rows_per_step = max(1, round(cfg.batch_size / per_row))
+            perm = torch.randperm(len(bins), generator=gen).tolist()
+            batches = [[i for k in perm[j:j + rows_per_step] for i in bins[k]] for j in range(0, len(bins), rows_per_step)]
+            row_groups = [[bins[k] for k in perm[j:j + rows_per_step]] for j in range(0, len(bins), rows_per_step)]
+        elif cfg.group_by_length:  # sort within windows of 32 batches, then shuffle the batches
             win = 32 * cfg.batch_size
             grouped = []
             for w in range(0, len(order), win):
@@ -218,9 +270,14 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                 grouped += [chunk[k:k + cfg.batch_size] for k in range(0, len(chunk), cfg.batch_size)]
             perm = torch.randperm(len(grouped), generator=gen).tolist()
             batches = [grouped[k] for k in perm]
-        for idx in batches:
+        for bi, idx in enumerate(batches):
             batch = [encoded[i] for i in idx]
-            enc = collator(batch)
+            if cfg.packing:
+                rows = [[encoded[i] for i in row] for row in row_groups[bi]]
+                batch = [e for row in rows for e in row]  # image order = token order
+                enc = packed_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+            else:
+                enc = collator(batch)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -235,14 +292,19 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                     feats = model.connector(vt)
                     mask = (enc["input_ids"] == model.config.image_token_id).unsqueeze(-1)
                     text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
-                loss = model.llm(inputs_embeds=text, attention_mask=enc["attention_mask"], labels=enc["labels"]).loss
+                if cfg.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
+                    loss = model.llm(inputs_embeds=text, position_ids=enc["position_ids"], labels=enc["labels"],
+                                     use_cache=False).loss
+                else:
+                    loss = model.llm(inputs_embeds=text, attention_mask=enc["attention_mask"], labels=enc["labels"],
+                                     use_cache=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             seen += len(batch)
-            tokens += int(enc["attention_mask"].sum())
+            tokens += sum(len(e.input_ids) for e in batch)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 el = time.perf_counter() - t0
