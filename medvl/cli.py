@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_commands.add_parser(sub)
     q = sub.add_parser("quickstart", help="train a small VLM on the bundled VQA-RAD and evaluate it (with and without images)")
     q.add_argument("--out", default="medvl-quickstart")
-    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--epochs", type=int, default=15)
     q.set_defaults(func=lambda a: __import__("medvl.quickstart", fromlist=["run_quickstart"]).run_quickstart(
         __import__("pathlib").Path(a.out), a.epochs))
     return p

@@ -16,7 +16,7 @@ from pathlib import Path
 from medvl.data.bundled import load_bundled
 
 
-def run_quickstart(out: Path, epochs: int = 10, progress: bool = True) -> int:
+def run_quickstart(out: Path, epochs: int = 15, progress: bool = True) -> int:
     from medvl.eval.suites import evaluate_vqa
     from medvl.generate.batched import generate_answers
     from medvl.train.vlm import VLMTrainConfig, image_loader_for, strip_images, train_vlm

@@ -254,3 +254,38 @@ def test_vlm_recipe_with_packing(tmp_path):
     res = train_vlm(_tiny_cfg(tmp_path, packing=True, pack_length=256), load_bundled("vqa-rad", "train")[:32],
                     progress=False)
     assert res["steps"] >= 1 and res["log"][-1]["loss"] == res["log"][-1]["loss"]
+
+
+def test_train_cli_vlm_recipe_and_undecodable_images(tmp_path, capsys):
+    import json
+
+    from medvl.cli import main
+    from medvl.data.bundled import load_bundled
+    rows = []
+    for i, s in enumerate(load_bundled("vqa-rad", "train")[:12]):
+        rows.append({"id": s.id, "images": [{"path": s.images[0].path if i != 3 else str(tmp_path / "broken.jpg")}],
+                     "conversation": [{"role": t.role, "text": t.text} for t in s.conversation]})
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "recipes" / "vlm-sft-vqarad.yaml")
+    code = main(["train", recipe, f"data.path={tmp_path / 'd.jsonl'}", f"output_dir={tmp_path / 'out'}", "epochs=1",
+                 "batch_size=4", "precision=fp32", "vocab_size=300",
+                 "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
+                 "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
+                 "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+                 "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 image does not decode (1 file(s))" in out.replace("left out while encoding: ", "")
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_chat_decoding_options(tmp_path, capsys):
+    from medvl.cli import main
+    from medvl.data.bundled import load_bundled
+    from medvl.train.vlm import train_vlm
+    train_vlm(_tiny_cfg(tmp_path), load_bundled("vqa-rad", "train")[:8], progress=False)
+    img = load_bundled("vqa-rad", "test")[0].images[0].path
+    m = str(tmp_path / "vlm" / "model")
+    for extra in (["--num-beams", "2"], ["--sample", "--temperature", "0.7", "--seed", "1"], ["--stop", "."]):
+        assert main(["chat", "--model", m, "--image", img, "Is it normal?", "--max-new-tokens", "3", *extra]) == 0
+    capsys.readouterr()

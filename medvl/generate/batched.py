@@ -47,7 +47,7 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
         px = torch.stack(imgs) if imgs else None
         with torch.no_grad():
             out = model.generate(ids, mask, px, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                 do_sample=gen_kwargs.pop("do_sample", False), **gen_kwargs)
+                                 **{"do_sample": False, **gen_kwargs})
         for (s, _), row in zip(chunk, out.tolist()):
             if eos in row:
                 row = row[:row.index(eos)]

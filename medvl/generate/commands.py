@@ -5,23 +5,48 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DEFAULT_VLM = "medvl-vqarad-small"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="answer every question of a dataset with a VLM (resumable)")
-    p.add_argument("--model", required=True, help="a VLM folder (medvl quickstart / train output)")
+    p.add_argument("--model", default=DEFAULT_VLM, help=f"a VLM folder or shipped name (default {DEFAULT_VLM})")
     p.add_argument("--data", required=True, help="dataset file, or a bundled name (vqa-rad/test)")
     p.add_argument("--format", default="medvl")
     p.add_argument("--out", required=True, help="predictions JSONL; existing ids are kept and skipped")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _decoding(p)
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("chat", help="ask a VLM one question about one image (PNG/JPEG, DICOM, NIfTI)")
     c.add_argument("question")
-    c.add_argument("--model", required=True)
+    c.add_argument("--model", default=DEFAULT_VLM, help=f"a VLM folder or shipped name (default {DEFAULT_VLM})")
     c.add_argument("--image", help="image file (omit for a text-only question)")
     c.add_argument("--max-new-tokens", type=int, default=64)
+    _decoding(c)
     c.set_defaults(func=cmd_chat)
+
+
+def _decoding(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (default: greedy)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _gen_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+    import torch
+    torch.manual_seed(args.seed)
+    kw = {"do_sample": args.sample, "num_beams": args.num_beams}
+    if args.sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p)
+    if args.stop:
+        kw.update(stop_strings=list(args.stop), tokenizer=tokenizer)
+    return kw
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -30,7 +55,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     samples = load_for_stats(args.data, args.format, {})
     pipe = load(args.model)
-    n = pipe.predict(samples, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    n = pipe.predict(samples, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                     **_gen_kwargs(args, pipe.tokenizer))
     print(f"wrote {n} new answer(s) to {args.out} ({len(samples) - n} already there)")
     if pipe.collator.stats.dropped:
         print(f"note: {pipe.collator.stats.dropped}")
@@ -44,5 +70,5 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.image and not Path(args.image).exists():
         from medvl.errors import MedvlUserError
         raise MedvlUserError("image file not found", path=args.image)
-    print(pipe.answer(args.image, args.question, max_new_tokens=args.max_new_tokens))
+    print(pipe.answer(args.image, args.question, max_new_tokens=args.max_new_tokens, **_gen_kwargs(args, pipe.tokenizer)))
     return 0

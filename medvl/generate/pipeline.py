@@ -21,7 +21,10 @@ class VLMPipeline:
         from medvl.models.vlm import load_vlm
         from medvl.train.vlm import image_loader_for
 
+        from medvl.models.clip import PRETRAINED_DIR
         path = Path(path)
+        if not path.exists() and (PRETRAINED_DIR / str(path)).is_dir():
+            path = PRETRAINED_DIR / str(path)  # a model shipped with the package, by name
         if not path.is_dir():
             raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)",
                                  path=path)
@@ -43,10 +46,10 @@ class VLMPipeline:
                                      max_new_tokens=max_new_tokens, **gen))[1]
 
     def predict(self, samples: Sequence[Sample], out: str | Path, batch_size: int = 32,
-                max_new_tokens: int = 64, progress: bool = True) -> int:
+                max_new_tokens: int = 64, progress: bool = True, **gen) -> int:
         from medvl.generate.batched import predict_to_file
         return predict_to_file(self.model, self.collator, samples, self.image_fn, out, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=progress)
+                               max_new_tokens=max_new_tokens, progress=progress, **gen)
 
 
 def load(path: str | Path) -> VLMPipeline:

@@ -109,8 +109,8 @@ class NativeVLM:
             images = [im for s in chunk for im in self._images(s)] or None
             self.tok.padding_side = "left"
             enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=gen.pop("do_sample", False),
-                                      pad_token_id=self.tok.pad_token_id, **gen)
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                      **{"do_sample": False, **gen})
             new = out[:, enc["input_ids"].shape[1]:]
             answers += [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
         return answers

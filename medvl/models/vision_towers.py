@@ -98,7 +98,6 @@ class MedCLIPTower(Tower):
         clip = MedCLIP.from_pretrained(cfg.source) if cfg.source and not cfg.source.startswith("config:") \
             else MedCLIP.from_config(cfg.source.split(":", 1)[1] if cfg.source else "medclip-r10t-minilm")
         self.visual = clip.model.visual
-        self.trunk = getattr(self.visual, "trunk", None)
         size = self.image_size = clip.config.image_size
         with torch.no_grad():
             probe = self._features(torch.zeros(1, 3, size, size))
@@ -107,11 +106,12 @@ class MedCLIPTower(Tower):
         self.grid = [side, probe.shape[1] // side]
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trunk is not None:  # timm
-            f = self.trunk.forward_features(x)
+        trunk = getattr(self.visual, "trunk", None)  # not kept as an attribute: no duplicate weights
+        if trunk is not None:  # timm
+            f = trunk.forward_features(x)
             if f.ndim == 4:  # CNN map [B, C, h, w]
                 return f.flatten(2).transpose(1, 2)  # [B, h*w, C]
-            return f[:, getattr(self.trunk, "num_prefix_tokens", 0):]  # ViT tokens
+            return f[:, getattr(trunk, "num_prefix_tokens", 0):]  # ViT tokens
         self.visual.output_tokens = True  # open_clip VisionTransformer
         _, tokens = self.visual(x)
         return tokens  # [B, N, width]

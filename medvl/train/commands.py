@@ -9,7 +9,7 @@ import yaml
 
 from medvl.errors import MedvlUserError
 
-RECIPES = ("clip",)
+RECIPES = ("clip", "vlm")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = (yaml.safe_load(path.read_text()) or {}).get("recipe")
     if kind not in RECIPES:
         raise MedvlUserError(f"recipe: {kind!r} is not a known recipe ({', '.join(RECIPES)})", path=path)
-    from medvl.train.clip import ClipTrainConfig, train_clip
     from medvl.train.config import load_recipe
+    if kind == "vlm":
+        from medvl.train.vlm import VLMTrainConfig, load_training_samples, train_vlm
+        cfg = load_recipe(VLMTrainConfig, path, args.overrides)
+        samples, skipped = load_training_samples(cfg.data)
+        for k, v in skipped.items():
+            print(f"note: {v} record(s) left out ({k})")
+        res = train_vlm(cfg, samples)
+        if res["dropped"]:
+            print("note: left out while encoding: " + ", ".join(f"{v} {k}" for k, v in res["dropped"].items()))
+        print(f"done: {res['steps']} steps, model in {cfg.output_dir}/model")
+        return 0
+    from medvl.train.clip import ClipTrainConfig, train_clip
     cfg = load_recipe(ClipTrainConfig, path, args.overrides)
     res = train_clip(cfg)
     print(f"done: {res['steps']} steps, model in {res['model_dir']}")

@@ -38,6 +38,9 @@ STAGES = {"align": {"vision": "frozen", "connector": "full", "llm": "frozen"},
 @dataclass
 class VLMTrainConfig:
     stage: str = "sft"
+    data: dict = field(default_factory=lambda: {"path": "vqa-rad/train", "format": "medvl", "options": {},
+                                                "image_root": ""})
+    """training data: a bundled name (vqa-rad/train) or a file in any format of `medvl data formats`"""
     vision: dict = field(default_factory=lambda: {"name": "medclip", "source": "medclip-r10t-minilm"})
     connector: dict = field(default_factory=lambda: {"name": "mlp2x_gelu"})
     llm: dict = field(default_factory=lambda: {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704,
@@ -84,6 +87,28 @@ def strip_images(samples):
         conv = [Turn(t.role, t.text.replace("<image>\n", "").replace("<image>", "")) for t in s.conversation]
         out.append(Sample(s.id, [], conv, s.boxes, s.labels, s.teacher_features, s.meta))
     return out
+
+
+def load_training_samples(data: dict):
+    """Samples with image paths made absolute (against data.image_root or the file's folder)."""
+    from medvl.data.bundled import BUNDLED, load_bundled
+    from medvl.data.formats import get_format
+    from medvl.data.schema import resolve_path
+
+    path = str(data.get("path", ""))
+    name, _, split = path.partition("/")
+    if not Path(path).exists() and name in BUNDLED:
+        return load_bundled(name, split or "train"), {}
+    fmt = get_format(data.get("format", "medvl"))
+    opts = data.get("options") or {}
+    fmt.check_options(opts, "read")
+    conv = fmt.read(Path(path), **opts)
+    root = Path(data["image_root"]) if data.get("image_root") else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    for s in conv.samples:
+        for m in s.images:
+            if m.path:
+                m.path = str(resolve_path(m.path, root))
+    return conv.samples, {f"read: {k}": v for k, v in conv.skip_summary()}
 
 
 def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
@@ -209,13 +234,26 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
         raise MedvlUserError("no training sample survived encoding: " + json.dumps(collator.stats.dropped))
     load = image_loader_for(model)
     cache: dict[str, torch.Tensor] = {}
-    if policy["vision"] == "frozen":
-        model.vision.eval()
-        paths = sorted({m.path for e in encoded for m in e.images})
-        with torch.no_grad():
-            for p in tqdm(paths, desc="caching vision tokens", unit="img", disable=not progress):
-                from medvl.data.schema import Media
-                cache[p] = model.vision(load(Media(p))[None])[0]  # [N, Dv]
+    paths = sorted({m.path for e in encoded for m in e.images})
+    bad: set[str] = set()
+    with torch.no_grad():
+        from medvl.data.schema import Media
+        for p in tqdm(paths, desc="checking images" if policy["vision"] != "frozen" else "caching vision tokens",
+                      unit="img", disable=not progress):
+            try:
+                x = load(Media(p))[None]
+            except MedvlUserError:
+                bad.add(p)
+                continue
+            if policy["vision"] == "frozen":
+                model.vision.eval()
+                cache[p] = model.vision(x)[0]  # [N, Dv]
+    if bad:  # samples whose image does not decode are left out, and counted
+        before = len(encoded)
+        encoded = [e for e in encoded if not any(m.path in bad for m in e.images)]
+        collator.stats.dropped[f"image does not decode ({len(bad)} file(s))"] = before - len(encoded)
+        if not encoded:
+            raise MedvlUserError("no training image decodes")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
