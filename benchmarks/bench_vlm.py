@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--packing", action="store_true", help="pack samples (default: length-grouped padding)")
+    ap.add_argument("--gen-model", help="also time generation for this VLM (folder or shipped name, e.g. medvl-vqarad-small)")
     ap.add_argument("--pack-length", type=int, default=512)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "vlm.json"))
     args = ap.parse_args()
@@ -56,8 +57,7 @@ def main() -> int:
                               Qwen2Config, SiglipVisionConfig, Trainer, TrainingArguments)
 
     from medvl.data.bundled import load_bundled
-    from medvl.generate.batched import generate_answers
-    from medvl.train.vlm import VLMTrainConfig, image_loader_for, train_vlm
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
 
     train = load_bundled("vqa-rad", "train")[:args.samples]
     test = load_bundled("vqa-rad", "test")
@@ -115,9 +115,33 @@ def main() -> int:
     results["sft_ratio"] = ours / results["hf_trainer_sft"]["samples_per_s"]
 
     # -- 2. generation ------------------------------------------------------------------------
+    results["generation"] = time_generation(model, collator, tok, test, args.gen_batch)
+    if args.gen_model:
+        from medvl.generate.pipeline import load as load_vlm_pipeline
+        pipe = load_vlm_pipeline(args.gen_model)
+        results["generation_" + Path(args.gen_model).name] = time_generation(pipe.model, pipe.collator, pipe.tokenizer,
+                                                                            test, args.gen_batch)
+
+    r = results
+    print(f"SFT, {len(train)} samples, batch {args.batch}, bf16: medvl {r['medvl_sft']['samples_per_s']:.1f} samples/s "
+          f"(MFU {r['medvl_sft']['mfu']:.1%} of 205 GFLOP/s), HF Trainer + LlavaForConditionalGeneration "
+          f"{r['hf_trainer_sft']['samples_per_s']:.1f} samples/s -> {r['sft_ratio']:.2f}x")
+    for key in [k for k in r if k.startswith("generation")]:
+        g = r[key]
+        print(f"{key}, 451 VQA-RAD test questions: batched {g['batched_answers_per_s']:.1f} answers/s, batch-1 loop "
+              f"{g['batch1_answers_per_s']:.1f} -> {g['ratio']:.1f}x; identical answers {g['same_answers']:.1%}")
+    print(f"peak RSS {rss_mb():.0f} MB")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def time_generation(model, collator, tok, test, gen_batch: int) -> dict:
+    from medvl.generate.batched import generate_answers
+    from medvl.train.vlm import image_loader_for
     load = image_loader_for(model)
     t0 = time.perf_counter()
-    batched = dict(generate_answers(model, collator, test, load, batch_size=args.gen_batch, max_new_tokens=8))
+    batched = dict(generate_answers(model, collator, test, load, batch_size=gen_batch, max_new_tokens=8))
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     single = {}
@@ -125,26 +149,15 @@ def main() -> int:
     for s in test:  # the LLaVA-Med evaluation loop: one question at a time
         ids = torch.tensor([collator.prompt_ids(s)])
         px = torch.stack([load(m) for m in s.images])
-        out = model.generate(ids, torch.ones_like(ids), px, max_new_tokens=8, do_sample=False, eos_token_id=eos,
-                             pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(ids, torch.ones_like(ids), px, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id)
         row = out[0].tolist()
         single[s.id] = tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
     t_single = time.perf_counter() - t0
     agree = sum(batched[k] == single[k] for k in single) / len(single)
-    results["generation"] = {"batched_answers_per_s": len(test) / t_batched, "batch1_answers_per_s": len(test) / t_single,
-                             "ratio": t_single / t_batched, "same_answers": agree, "peak_rss_mb": rss_mb()}
-
-    r = results
-    print(f"SFT, {len(train)} samples, batch {args.batch}, bf16: medvl {r['medvl_sft']['samples_per_s']:.1f} samples/s "
-          f"(MFU {r['medvl_sft']['mfu']:.1%} of 205 GFLOP/s), HF Trainer + LlavaForConditionalGeneration "
-          f"{r['hf_trainer_sft']['samples_per_s']:.1f} samples/s -> {r['sft_ratio']:.2f}x")
-    g = r["generation"]
-    print(f"generation, 451 VQA-RAD test questions: batched {g['batched_answers_per_s']:.1f} answers/s, batch-1 loop "
-          f"{g['batch1_answers_per_s']:.1f} -> {g['ratio']:.1f}x; identical answers {g['same_answers']:.1%}; "
-          f"peak RSS {rss_mb():.0f} MB")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    return 0
+    return {"batched_answers_per_s": len(test) / t_batched, "batch1_answers_per_s": len(test) / t_single,
+            "ratio": t_single / t_batched, "same_answers": agree}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Batched generation for composed VLMs: left-padded prompts, KV cache, greedy or sampling.
 
-``generate_answers`` groups samples by prompt length (less padding), runs one
+``generate_answers`` groups samples by prompt length (less padding), runs the vision tower
+once per distinct image (VQA sets ask many questions about one image), one
 ``MedVLM.generate`` call per batch, strips the template's end-of-turn token, and yields
 ``(id, answer)`` pairs. :func:`predict_to_file` writes JSONL and is resumable: ids already
 in the output file are skipped, so a killed run continues where it stopped.
@@ -29,24 +30,29 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = tqdm(total=len(prompts), desc="generating", unit="answer", disable=not progress)
-    decoded: dict = {}  # questions often share an image: decode and preprocess each file once
+    encoded: dict = {}  # questions often share an image: decode and encode each file once
 
-    def pixels(media):
-        key = media.path
-        if key is None:
-            return image_fn(media)
-        if key not in decoded:
-            decoded[key] = image_fn(media)
-        return decoded[key]
-
+    def encode_new(media_list) -> None:
+        """Run the tower once, batched, over the images of this chunk not seen before."""
+        new = [p for p in dict.fromkeys(m.path for m in media_list) if p is not None and p not in encoded]
+        if new:
+            from medvl.data.schema import Media
+            px = torch.stack([image_fn(Media(p)) for p in new]).to(model.device, model.dtype)
+            with torch.no_grad():
+                vt = model.vision(px)  # [n_new, N, Dv]
+            encoded.update(zip(new, vt))
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids = collator.pad([p for _, p in chunk], pad, side="left")
         mask = collator.pad([[1] * len(p) for _, p in chunk], 0, side="left")
-        imgs = [pixels(m) for s, _ in chunk for m in s.images]
-        px = torch.stack(imgs) if imgs else None
+        media = [m for s, _ in chunk for m in s.images]
+        encode_new(media)
+        vt = [encoded[m.path] if m.path is not None else model.vision(image_fn(m)[None].to(model.device, model.dtype))[0]
+              for m in media]
+        vision_tokens = torch.stack(vt) if vt else None  # [n_img, N, Dv]
         with torch.no_grad():
-            out = model.generate(ids, mask, px, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            out = model.generate(ids, mask, None, vision_tokens, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad,
                                  **{"do_sample": False, **gen_kwargs})
         for (s, _), row in zip(chunk, out.tolist()):
             if eos in row:

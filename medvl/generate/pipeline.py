@@ -29,8 +29,9 @@ class VLMPipeline:
             raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)",
                                  path=path)
         self.model = load_vlm(path)
+        tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         except OSError as e:
             raise MedvlUserError(f"no tokenizer saved with the model ({e})", path=path) from None
         self.collator = VLMCollator(self.tokenizer, tokens_per_image=self.model.tokens_per_image,

@@ -81,18 +81,23 @@ class MedVLM(PreTrainedModel):
         return self.llm.get_input_embeddings()
 
     # -- the four steps ----------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``vision_tokens`` ([n_img, N, Dv], the tower's output) may replace ``pixel_values``
+        when the caller has them cached (several questions about one image)."""
         text = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         mask = input_ids == self.config.image_token_id  # [B, T]
         n_slots = int(mask.sum())
-        n_img = 0 if pixel_values is None else pixel_values.shape[0]
+        n_img = vision_tokens.shape[0] if vision_tokens is not None else (0 if pixel_values is None else pixel_values.shape[0])
         if n_slots != n_img * self.tokens_per_image:
             raise MedvlUserError(f"{n_slots} image-token positions in the batch but {n_img} image(s) x "
                                  f"{self.tokens_per_image} tokens each = {n_img * self.tokens_per_image}: the "
                                  "<image> placeholders do not match the images")
         if n_img == 0:
             return text
-        feats = self.connector(self.vision(pixel_values.to(self.device, self.dtype)))  # [n_img, M, D]
+        if vision_tokens is None:
+            vision_tokens = self.vision(pixel_values.to(self.device, self.dtype))  # [n_img, N, Dv]
+        feats = self.connector(vision_tokens.to(self.device, self.dtype))  # [n_img, M, D]
         return text.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(text.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -106,9 +111,10 @@ class MedVLM(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, **gen_kwargs: Any) -> torch.Tensor:
+                 pixel_values: torch.Tensor | None = None, vision_tokens: torch.Tensor | None = None,
+                 **gen_kwargs: Any) -> torch.Tensor:
         """New tokens only ([B, new]); prompts left-padded; KV cache on unless disabled."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, vision_tokens)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------

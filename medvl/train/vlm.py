@@ -364,7 +364,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
         if policy[name] == "lora":  # export merged weights: a plain model, no peft needed to load it
             setattr(model, name, getattr(model, name).merge_and_unload())
     model.save_vlm(out / "model")
-    tok.save_pretrained(str(out / "model"))
+    tok.save_pretrained(str(out / "model" / "tokenizer"))  # own folder: no model config beside it
     (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
     from medvl.train.config import save_resolved
     save_resolved(cfg, out / "model" / "recipe.yaml", "vlm")
