@@ -289,3 +289,14 @@ def test_chat_decoding_options(tmp_path, capsys):
     for extra in (["--num-beams", "2"], ["--sample", "--temperature", "0.7", "--seed", "1"], ["--stop", "."]):
         assert main(["chat", "--model", m, "--image", img, "Is it normal?", "--max-new-tokens", "3", *extra]) == 0
     capsys.readouterr()
+
+
+def test_answer_loss_equals_the_models_loss(tok):
+    from medvl.train.vlm import answer_loss
+    m = make(tok)
+    ids = torch.tensor([[1, 2, 3, 20, 21, 22, 23], [1, 2, 20, 30, 31, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 20, 21, 22, 23], [-100, -100, -100, 30, 31, -100, -100]])
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0, 0]])
+    emb = m.llm.get_input_embeddings()(ids)
+    ref = m.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False).loss
+    assert torch.allclose(answer_loss(m.llm, emb, labels, attention_mask=mask), ref, atol=1e-6)

@@ -134,6 +134,21 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
     return model, tok
 
 
+def answer_loss(llm, inputs_embeds: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (answer) positions, computing the LM head
+    only there: the same value as the model's own loss (mean over labelled tokens), without
+    [B, T, vocab] logits for the prompt and image tokens."""
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        return llm(inputs_embeds=inputs_embeds, labels=labels, use_cache=False, **kw).loss
+    h = decoder(inputs_embeds=inputs_embeds, use_cache=False, **kw).last_hidden_state  # [B, T, D]
+    target = labels[:, 1:]
+    sel = target != -100  # [B, T-1]
+    logits = head(h[:, :-1][sel])  # [n_answer_tokens, V]
+    return torch.nn.functional.cross_entropy(logits.float(), target[sel])
+
+
 def pack(encoded: list, pack_length: int, order: list[int]) -> list[list[int]]:
     """First-fit-decreasing bins of sample indices whose lengths sum to <= pack_length."""
     items = sorted(order, key=lambda i: -len(encoded[i].input_ids))
@@ -331,11 +346,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                     mask = (enc["input_ids"] == model.config.image_token_id).unsqueeze(-1)
                     text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
                 if cfg.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
-                    loss = model.llm(inputs_embeds=text, position_ids=enc["position_ids"], labels=enc["labels"],
-                                     use_cache=False).loss
+                    loss = answer_loss(model.llm, text, enc["labels"], position_ids=enc["position_ids"])
                 else:
-                    loss = model.llm(inputs_embeds=text, attention_mask=enc["attention_mask"], labels=enc["labels"],
-                                     use_cache=False).loss
+                    loss = answer_loss(model.llm, text, enc["labels"], attention_mask=enc["attention_mask"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
