@@ -300,3 +300,27 @@ def test_answer_loss_equals_the_models_loss(tok):
     emb = m.llm.get_input_embeddings()(ids)
     ref = m.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False).loss
     assert torch.allclose(answer_loss(m.llm, emb, labels, attention_mask=mask), ref, atol=1e-6)
+
+
+def test_vlm_recipe_ddp_two_processes(tmp_path):
+    """The vlm recipe under torchrun with 2 CPU processes (gloo, DDP around the step module)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "vlm-sft-vqarad.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544", "-m", "medvl.cli",
+           "train", recipe, f"output_dir={tmp_path / 'ddp'}", "epochs=1", "batch_size=4", "precision=fp32", "vocab_size=300",
+           "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
+           "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
+           "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+           "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a small data file keeps it quick
+    from medvl.data.bundled import load_bundled
+    from medvl.data.schema import write_jsonl
+    write_jsonl(load_bundled("vqa-rad", "train")[:16], tmp_path / "d.jsonl")
+    cmd.insert(cmd.index("train") + 2, f"data.path={tmp_path / 'd.jsonl'}")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()

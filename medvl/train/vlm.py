@@ -134,6 +134,28 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
     return model, tok
 
 
+class _Step(torch.nn.Module):
+    """One training step's forward as a module, so DDP can wrap it: embed the text, run the
+    connector on the (cached or fresh) vision tokens, scatter, and take the answer loss."""
+
+    def __init__(self, model, packing: bool):
+        super().__init__()
+        self.model = model
+        self.packing = packing
+
+    def forward(self, enc: dict, vt: torch.Tensor | None, cached: bool) -> torch.Tensor:
+        m = self.model
+        text = m.llm.get_input_embeddings()(enc["input_ids"])  # [B, T, D]
+        if vt is not None:
+            tokens = vt if cached else m.vision(vt)  # [n, N, Dv]
+            feats = m.connector(tokens)
+            mask = (enc["input_ids"] == m.config.image_token_id).unsqueeze(-1)
+            text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
+        if self.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
+            return answer_loss(m.llm, text, enc["labels"], position_ids=enc["position_ids"])
+        return answer_loss(m.llm, text, enc["labels"], attention_mask=enc["attention_mask"])
+
+
 def answer_loss(llm, inputs_embeds: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
     """Next-token cross-entropy over the labelled (answer) positions, computing the LM head
     only there: the same value as the model's own loss (mean over labelled tokens), without
@@ -229,6 +251,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     if cfg.stage not in STAGES:
         raise MedvlUserError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     policy = {**STAGES[cfg.stage], **cfg.freeze}
+    from medvl.train.clip import _dist_info
+    rank, world = _dist_info()  # torchrun: DDP over gloo (CPU) or nccl; every rank builds the same model
+    progress = progress and rank == 0
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -269,8 +294,15 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
         collator.stats.dropped[f"image does not decode ({len(bad)} file(s))"] = before - len(encoded)
         if not encoded:
             raise MedvlUserError("no training image decodes")
+    if world > 1:  # equal shards so every rank takes the same number of steps
+        n = len(encoded) - len(encoded) % world
+        encoded = encoded[:n][rank::world]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step_module = _Step(model, cfg.packing)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        step_module = DistributedDataParallel(step_module)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     if cfg.packing:
         n_bins = len(pack(encoded, cfg.pack_length, list(range(len(encoded)))))
@@ -334,21 +366,12 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = lr
+            imgs = [m for e in batch for m in e.images]
+            vt = None
+            if imgs:
+                vt = torch.stack([cache[m.path] for m in imgs]) if cache else torch.stack([load(m) for m in imgs])
             with autocast:
-                text = model.llm.get_input_embeddings()(enc["input_ids"])  # [B, T, D]
-                imgs = [m for e in batch for m in e.images]
-                if imgs:
-                    if cache:
-                        vt = torch.stack([cache[m.path] for m in imgs])  # [n, N, Dv]
-                    else:
-                        vt = model.vision(torch.stack([load(m) for m in imgs]))
-                    feats = model.connector(vt)
-                    mask = (enc["input_ids"] == model.config.image_token_id).unsqueeze(-1)
-                    text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
-                if cfg.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
-                    loss = answer_loss(model.llm, text, enc["labels"], position_ids=enc["position_ids"])
-                else:
-                    loss = answer_loss(model.llm, text, enc["labels"], attention_mask=enc["attention_mask"])
+                loss = step_module(enc, vt, bool(cache))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -365,6 +388,8 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                        "mfu": 6 * n_llm * tokens / el / peak}
                 log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rec['samples_per_s']:.1f}")
+        if rank != 0:
+            continue
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "gen": gen.get_state(),
                     "step": step, "epoch": epoch + 1, "run": run_key}, ckpt.with_suffix(".tmp"))
@@ -372,15 +397,19 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
         if cfg.stop_after_epochs and epoch + 1 - start_epoch >= cfg.stop_after_epochs:
             break
     bar.close()
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
     model.eval()
     for name in ("vision", "connector", "llm"):
         if policy[name] == "lora":  # export merged weights: a plain model, no peft needed to load it
             setattr(model, name, getattr(model, name).merge_and_unload())
-    model.save_vlm(out / "model")
-    tok.save_pretrained(str(out / "model" / "tokenizer"))  # own folder: no model config beside it
-    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
-    from medvl.train.config import save_resolved
-    save_resolved(cfg, out / "model" / "recipe.yaml", "vlm")
+    if rank == 0:
+        model.save_vlm(out / "model")
+        tok.save_pretrained(str(out / "model" / "tokenizer"))  # own folder: no model config beside it
+        (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+        from medvl.train.config import save_resolved
+        save_resolved(cfg, out / "model" / "recipe.yaml", "vlm")
     return {"model": model, "tokenizer": tok, "collator": collator, "steps": step,
             "seconds": time.perf_counter() - t0, "dropped": collator.stats.dropped, "log": log,
             "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
