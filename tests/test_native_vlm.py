@@ -72,3 +72,15 @@ def test_native_train_generate_save(build, tmp_path):
     y = vlm.collate([vlm.encode(train[1])])
     with torch.no_grad():
         assert torch.allclose(back.model(**x).logits, vlm.model(**y).logits, atol=1e-5)
+
+
+def test_native_vlm_through_the_recipe(tmp_path):
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
+    tiny_llava().save(tmp_path / "llava")
+    cfg = VLMTrainConfig(native=str(tmp_path / "llava"), stage="sft", epochs=1, batch_size=4, precision="fp32",
+                         output_dir=str(tmp_path / "out"))
+    res = train_vlm(cfg, load_bundled("vqa-rad", "train")[:8], progress=False)
+    assert res["steps"] == 2 and res["trainable"]["vision"] == 0 and res["trainable"]["llm"] > 0
+    assert res["trainable"]["connector"] > 0
+    back = NativeVLM.from_pretrained(tmp_path / "out" / "model")
+    assert len(back.generate(load_bundled("vqa-rad", "test")[:2], max_new_tokens=2)) == 2

@@ -116,6 +116,28 @@ class NativeVLM:
         return answers
 
 
+def module_of(name: str) -> str:
+    """Which of vision / connector / llm a native VLM parameter belongs to (LLaVA, Qwen2-VL names)."""
+    if "multi_modal_projector" in name or ".merger." in name:
+        return "connector"
+    if "vision_tower" in name or ".visual." in name or name.startswith("visual."):
+        return "vision"
+    return "llm"
+
+
+def apply_policy(vlm: NativeVLM, policy: dict[str, str]) -> dict[str, int]:
+    """frozen / full per module (LoRA on native models is not wired yet); returns trainable counts."""
+    counts = {"vision": 0, "connector": 0, "llm": 0}
+    for name, p in vlm.model.named_parameters():
+        part = module_of(name)
+        mode = policy.get(part, "full")
+        if mode == "lora":
+            raise MedvlUserError("LoRA on native VLMs is not supported yet; use frozen or full")
+        p.requires_grad = mode == "full"
+        counts[part] += p.numel() if p.requires_grad else 0
+    return counts
+
+
 def train_native(vlm: NativeVLM, samples: Sequence[Sample], *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-3,
                  precision: str = "bf16", seed: int = 0) -> dict[str, Any]:
     """Minimal SFT loop for a native VLM (the same loss convention as the composed one)."""

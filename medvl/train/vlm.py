@@ -38,6 +38,8 @@ STAGES = {"align": {"vision": "frozen", "connector": "full", "llm": "frozen"},
 @dataclass
 class VLMTrainConfig:
     stage: str = "sft"
+    native: str = ""
+    """a native Hugging Face VLM (folder or hub id: LLaVA, Qwen2-VL ...) to train instead of composing one"""
     data: dict = field(default_factory=lambda: {"path": "vqa-rad/train", "format": "medvl", "options": {},
                                                 "image_root": ""})
     """training data: a bundled name (vqa-rad/train) or a file in any format of `medvl data formats`"""
@@ -132,6 +134,26 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
                             image_token_id=tok.convert_tokens_to_ids("<image>"))
         model = MedVLM(mcfg)
     return model, tok
+
+
+def _train_native_recipe(cfg: VLMTrainConfig, samples, policy: dict, rank: int) -> dict[str, Any]:
+    """A native HF VLM through the same recipe: per-module freezing, answer-only loss, export
+    with its processor (first cut: single process, no resume)."""
+    from medvl.models.native import NativeVLM, apply_policy, train_native
+
+    vlm = NativeVLM.from_pretrained(cfg.native, max_length=cfg.max_length)
+    trainable = apply_policy(vlm, policy)
+    res = train_native(vlm, samples, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       precision=cfg.precision, seed=cfg.seed)
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        vlm.save(out / "model")
+        from medvl.train.config import save_resolved
+        save_resolved(cfg, out / "model" / "recipe.yaml", "vlm")
+    return {"model": vlm, "tokenizer": vlm.tok, "collator": None, "steps": len(res["losses"]),
+            "seconds": 0.0, "dropped": {"longer than max_length": res["dropped"]} if res["dropped"] else {},
+            "log": [{"loss": x} for x in res["losses"]], "samples_per_s": res["samples_per_s"],
+            "trainable": trainable}
 
 
 class _Step(torch.nn.Module):
@@ -258,6 +280,8 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     samples = strip_images(train_samples) if cfg.question_only else list(train_samples)
+    if cfg.native:
+        return _train_native_recipe(cfg, samples, policy, rank)
     texts = [t.text.replace("<image>", " ") for s in samples for t in s.conversation]
     model, tok = build_model_and_tokenizer(cfg, texts)  # the BPE training is deterministic, so a resume
     # rebuilds the same vocabulary
