@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from medvl.data.schema import IMAGE_TOKEN, Sample
+from medvl.data.schema import IMAGE_TOKEN, Sample, count_placeholders
 from medvl.errors import MedvlUserError
 
 IGNORE = -100
@@ -61,7 +61,7 @@ class NativeVLM:
         return [to_pil(load_medical(m.path)) for m in sample.images]
 
     def encode(self, sample: Sample) -> dict[str, torch.Tensor] | None:
-        n_ph = sum(t.text.count(IMAGE_TOKEN) for t in sample.conversation)
+        n_ph = sum(count_placeholders(t.text) for t in sample.conversation)
         if n_ph != len(sample.images):
             raise MedvlUserError(f"{n_ph} <image> placeholder(s) but {len(sample.images)} image(s)",
                                  record=f"id={sample.id!r}")
