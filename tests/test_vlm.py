@@ -65,6 +65,27 @@ def test_kv_cache_generation_equals_no_cache_and_strict_reload(tok, tmp_path):
     assert load_vlm(tmp_path / "v", allow_missing=True) is not None
 
 
+def test_lean_greedy_equals_transformers_generate_on_left_padded_batch(tok):
+    torch.manual_seed(3)
+    m = make(tok)
+    n = m.tokens_per_image
+    rows = [[1] + [m.config.image_token_id] * n + [20, 21, 22, 23], [5] + [m.config.image_token_id] * n + [30]]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    px = torch.randn(2, 3, 32, 32)
+    lean = m.generate(ids, mask, px, max_new_tokens=7, pad_token_id=0)
+    embeds = m.embed(ids, px)
+    hf = m.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    nocache = m.generate(ids, mask, px, max_new_tokens=7, do_sample=False, use_cache=False, pad_token_id=0)
+    assert lean.shape == (2, 7) and torch.equal(lean, hf) and torch.equal(lean, nocache)
+    eos = int(lean[0, 2])  # stop on a token row 0 produces: row 0 is padded after it
+    stopped = m.generate(ids, mask, px, max_new_tokens=7, eos_token_id=eos, pad_token_id=0)
+    ref = m.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=7, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(stopped, ref[:, :stopped.shape[1]])
+
+
 def test_3d_towers(tok):
     vit3d = {"name": "vit3d", "volume_size": [8, 32, 32], "patch_size": [4, 16, 16], "width": 32, "depth": 1, "heads": 2}
     m = make(tok, "spatial_pooling", vit3d)
