@@ -33,6 +33,19 @@ class NativeVLM:
         self.max_length = max_length
         mtype = model.config.model_type
         self.image_text = IMAGE_TEXT.get(mtype, getattr(processor, "image_token", IMAGE_TOKEN))
+        if getattr(model.config, "medvl_position_gap", 0):  # saved by set_position_gap: re-apply on load
+            self.set_position_gap(model.config.medvl_position_gap)
+
+    def set_position_gap(self, gap: int) -> None:
+        """Modality-gap 3D positions for Qwen2-VL-family models (medvl.models.position_ids); kept in
+        the saved config as ``medvl_position_gap`` so a reload uses the same positions."""
+        from medvl.models.position_ids import enable_qwen2vl_gap
+        try:
+            enable_qwen2vl_gap(self.model, gap)
+        except TypeError:
+            raise MedvlUserError(f"position_gap on a native {self.model.config.model_type} model: only Qwen2-VL-"
+                                 "family models (3D rotary positions) are supported; compose the model instead") from None
+        self.model.config.medvl_position_gap = gap
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kw: Any) -> "NativeVLM":

@@ -38,12 +38,14 @@ class MedVLMConfig(PretrainedConfig):
     model_type = "medvl_vlm"
 
     def __init__(self, vision: dict | None = None, connector: dict | None = None, text_config: dict | None = None,
-                 llm_source: str | None = None, image_token_id: int | None = None, **kwargs: Any):
+                 llm_source: str | None = None, image_token_id: int | None = None, position_gap: int = 0,
+                 **kwargs: Any):
         self.vision = vision or {}
         self.connector = connector or {"name": "mlp2x_gelu"}
         self.text_config_dict = text_config or {}
         self.llm_source = llm_source
         self.image_token_id = image_token_id
+        self.position_gap = position_gap  # modality-gap positions (medvl.models.position_ids); 0 = plain
         super().__init__(**kwargs)
 
 
@@ -80,6 +82,14 @@ class MedVLM(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, T] modality-gap positions when ``config.position_gap`` > 0, else None (the LM's default)."""
+        if not getattr(self.config, "position_gap", 0):
+            return None
+        from medvl.models.position_ids import gap_position_ids
+        return gap_position_ids(input_ids, self.config.image_token_id, self.tokens_per_image,
+                                self.config.position_gap, attention_mask)
+
     # -- the four steps ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,6 +116,8 @@ class MedVLM(PreTrainedModel):
                 **kwargs: Any) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
+        if "position_ids" not in kwargs and past_key_values is None and input_ids is not None:
+            kwargs["position_ids"] = self.position_ids(input_ids, attention_mask)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
@@ -123,13 +135,18 @@ class MedVLM(PreTrainedModel):
         """
         embeds = self.embed(input_ids, pixel_values, vision_tokens)
         position_ids = gen_kwargs.pop("position_ids", None)
-        lean = {"max_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "num_beams", "use_cache"}
-        if (set(gen_kwargs) <= lean and not gen_kwargs.get("do_sample", False)
-                and gen_kwargs.get("num_beams", 1) == 1 and gen_kwargs.get("use_cache", True)):
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, attention_mask)
+        lean = {"max_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "num_beams", "use_cache",
+                "temperature", "top_p"}
+        if set(gen_kwargs) <= lean and gen_kwargs.get("num_beams", 1) == 1 and gen_kwargs.get("use_cache", True):
             return greedy_decode(self.llm, embeds, attention_mask, gen_kwargs.get("max_new_tokens", 20),
-                                 gen_kwargs.get("eos_token_id"), gen_kwargs.get("pad_token_id"), position_ids)
+                                 gen_kwargs.get("eos_token_id"), gen_kwargs.get("pad_token_id"), position_ids,
+                                 do_sample=gen_kwargs.get("do_sample", False),
+                                 temperature=gen_kwargs.get("temperature", 1.0), top_p=gen_kwargs.get("top_p", 1.0))
         if position_ids is not None:
-            raise MedvlUserError("custom position ids are supported with greedy cached decoding only")
+            raise MedvlUserError("modality-gap / custom position ids work with greedy or sampled cached decoding, "
+                                 "not with beams, stop strings or use_cache=False")
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -146,8 +163,13 @@ class MedVLM(PreTrainedModel):
 @torch.no_grad()
 def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                   eos_token_id: int | list | None, pad_token_id: int | None,
-                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy decoding with a KV cache from prompt embeddings; returns new tokens [B, new].
+                  position_ids: torch.Tensor | None = None, *, do_sample: bool = False, temperature: float = 1.0,
+                  top_p: float = 1.0, return_logprobs: bool = False):
+    """Greedy (or sampled) decoding with a KV cache from prompt embeddings; returns new tokens [B, new]
+    (and, with ``return_logprobs``, each chosen token's log-probability [B, new], 0 after EOS).
+
+    Sampling draws from softmax(logits / temperature) restricted to the top-p nucleus, with
+    torch's global generator (seed it for reproducible candidates).
 
     Prompts are left-padded (``attention_mask`` [B, T]). Positions default to the count of
     real tokens before each one (what ``generate`` derives from the mask); given
@@ -170,8 +192,16 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
     pos = position_ids.max(dim=-1).values  # [B] last prompt position
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     new: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)  # [B]
+        logits = out.logits[:, -1].float()  # [B, V]
+        if do_sample:
+            nxt = _sample(logits, temperature, top_p)
+        else:
+            nxt = logits.argmax(-1)  # [B]
+        if return_logprobs:
+            lp = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+            logps.append(torch.where(done, torch.zeros_like(lp), lp))
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         new.append(nxt)
         if len(eos):
@@ -182,7 +212,22 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
         out = llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=out.past_key_values,
                   use_cache=True, logits_to_keep=1)
-    return torch.stack(new, dim=1) if new else torch.zeros(B, 0, dtype=torch.long, device=dev)
+    tokens = torch.stack(new, dim=1) if new else torch.zeros(B, 0, dtype=torch.long, device=dev)
+    if return_logprobs:
+        return tokens, (torch.stack(logps, dim=1) if logps else torch.zeros(B, 0, device=dev))
+    return tokens
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from softmax(logits / T), keeping the smallest set of tokens whose
+    probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020)."""
+    probs = (logits / max(temperature, 1e-5)).softmax(-1)  # [B, V]
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # tokens after the nucleus is full
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1)[:, 0]
 
 
 def load_vlm(path: str | Path, *, allow_missing: bool = False) -> MedVLM:

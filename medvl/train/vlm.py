@@ -77,6 +77,9 @@ class VLMTrainConfig:
     """batch samples of similar length (little padding, no cross-sample attention as packing would need)"""
     stop_after_epochs: int = 0
     """end this run after N epochs (checkpoint kept; a rerun resumes) — for time-boxed jobs"""
+    position_gap: int = 0
+    """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
+    "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
     peak_gflops: float = 0.0
     """the machine's peak for MFU (0: 205 for bf16, 88 for fp32 — measured on the project's 2-core CPU)"""
 
@@ -123,7 +126,7 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
         if "<image>" not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
         mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, llm_source=cfg.llm["source"],
-                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=cfg.position_gap)
         model = MedVLM(mcfg)
         model.llm.resize_token_embeddings(len(tok))
     else:
@@ -131,7 +134,7 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
         tc = dict(cfg.llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                   eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=tok.bos_token_id)
         mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, text_config=tc,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=cfg.position_gap)
         model = MedVLM(mcfg)
     return model, tok
 
@@ -142,6 +145,8 @@ def _train_native_recipe(cfg: VLMTrainConfig, samples, policy: dict, rank: int) 
     from medvl.models.native import NativeVLM, apply_policy, train_native
 
     vlm = NativeVLM.from_pretrained(cfg.native, max_length=cfg.max_length)
+    if cfg.position_gap:
+        vlm.set_position_gap(cfg.position_gap)
     trainable = apply_policy(vlm, policy)
     res = train_native(vlm, samples, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        precision=cfg.precision, seed=cfg.seed)
@@ -175,7 +180,11 @@ class _Step(torch.nn.Module):
             text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
         if self.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
             return answer_loss(m.llm, text, enc["labels"], position_ids=enc["position_ids"])
-        return answer_loss(m.llm, text, enc["labels"], attention_mask=enc["attention_mask"])
+        kw = {"attention_mask": enc["attention_mask"]}
+        pos = m.position_ids(enc["input_ids"], enc["attention_mask"])  # modality-gap positions, if configured
+        if pos is not None:
+            kw["position_ids"] = pos
+        return answer_loss(m.llm, text, enc["labels"], **kw)
 
 
 def answer_loss(llm, inputs_embeds: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
@@ -282,6 +291,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     samples = strip_images(train_samples) if cfg.question_only else list(train_samples)
     if cfg.native:
         return _train_native_recipe(cfg, samples, policy, rank)
+    if cfg.position_gap and cfg.packing:
+        raise MedvlUserError("position_gap with packing is not supported: packed rows restart positions per "
+                             "sample; turn one of them off")
     texts = [t.text.replace("<image>", " ") for s in samples for t in s.conversation]
     model, tok = build_model_and_tokenizer(cfg, texts)  # the BPE training is deterministic, so a resume
     # rebuilds the same vocabulary
