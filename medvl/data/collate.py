@@ -86,9 +86,13 @@ class VLMCollator:
         msgs = self._messages(sample)
         ids: list[int] = []
         labels: list[int] = []
+        # meta.loss_on = "last": learn only the final assistant turn (reflective-correction samples,
+        # whose earlier assistant turn is a wrong answer)
+        last_only = (sample.meta or {}).get("loss_on") == "last"
+        last_assistant = max((k for k, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
         for i, m in enumerate(msgs):
             full = self._render(msgs[: i + 1], gen_prompt=False)
-            if m["role"] == "assistant":
+            if m["role"] == "assistant" and (not last_only or i == last_assistant):
                 head = self._render(msgs[:i], gen_prompt=True)
                 if full[: len(head)] != head:
                     raise MedvlUserError("the chat template does not render the assistant turn as an extension "

@@ -6,7 +6,8 @@ once per distinct image (VQA sets ask many questions about one image), one
 ``(id, answer)`` pairs. Images are decoded by a small thread pool and fed to the tower in
 channels-last layout; ``tower_precision="bf16"`` runs the tower under bf16 autocast
 (about 3x faster for the shipped CLIP tower on this CPU; 99.1 % of VQA-RAD answers
-unchanged), the default keeps float32. :func:`predict_to_file` writes JSONL and is resumable: ids already
+unchanged), the default keeps float32. ``with_confidence=True`` yields ``(id, answer,
+confidence)`` with the geometric-mean probability of the answer's tokens (greedy or sampled). :func:`predict_to_file` writes JSONL and is resumable: ids already
 in the output file are skipped, so a killed run continues where it stopped.
 """
 
@@ -26,7 +27,7 @@ from medvl.data.schema import Sample
 
 def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], image_fn: Callable,
                      batch_size: int = 32, max_new_tokens: int = 32, progress: bool = False,
-                     tower_precision: str = "fp32", **gen_kwargs) -> Iterator[tuple[str, str]]:
+                     tower_precision: str = "fp32", with_confidence: bool = False, **gen_kwargs) -> Iterator[tuple[str, str]]:
     from tqdm.auto import tqdm
 
     tok = collator.tok
@@ -60,13 +61,22 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
               for m in media]
         vision_tokens = torch.stack(vt) if vt else None  # [n_img, N, Dv]
         with torch.no_grad():
-            out = model.generate(ids, mask, None, vision_tokens, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad,
-                                 **{"do_sample": False, **gen_kwargs})
-        for (s, _), row in zip(chunk, out.tolist()):
-            if eos in row:
-                row = row[:row.index(eos)]
-            yield s.id, tok.decode(row, skip_special_tokens=True).strip()
+            if with_confidence:  # the lean decoder, which also returns each chosen token's log-probability
+                from medvl.models.vlm import greedy_decode
+                out, logp = greedy_decode(model.llm, model.embed(ids, None, vision_tokens), mask, max_new_tokens, eos,
+                                          pad, model.position_ids(ids, mask), do_sample=gen_kwargs.get("do_sample", False),
+                                          temperature=gen_kwargs.get("temperature", 1.0),
+                                          top_p=gen_kwargs.get("top_p", 1.0), return_logprobs=True)
+            else:
+                out = model.generate(ids, mask, None, vision_tokens, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                     pad_token_id=pad, **{"do_sample": False, **gen_kwargs})
+        for k, ((s, _), row) in enumerate(zip(chunk, out.tolist())):
+            n_tok = row.index(eos) + 1 if eos in row else len(row)  # the answer and its end-of-turn token
+            text = tok.decode(row[:n_tok - (eos in row)], skip_special_tokens=True).strip()
+            if with_confidence:  # geometric-mean token probability of the whole answer
+                yield s.id, text, float(torch.exp(logp[k, :n_tok].mean())) if n_tok else 0.0
+            else:
+                yield s.id, text
         bar.update(len(chunk))
     bar.close()
     pool.shutdown()
@@ -75,6 +85,12 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
 def predict_to_file(model, collator: VLMCollator, samples: Sequence[Sample], image_fn: Callable, out: str | Path,
                     **kwargs) -> int:
     """Append answers to ``out`` (JSONL ``{"id", "prediction"}``), skipping ids already there."""
+    return append_predictions(out, samples, lambda todo: generate_answers(model, collator, todo, image_fn, **kwargs))
+
+
+def append_predictions(out: str | Path, samples: Sequence[Sample], answer: Callable) -> int:
+    """Run ``answer(samples not yet in out)`` -> (id, answer) pairs and append them, flushed line by line:
+    a killed run resumes where it stopped (a line cut by the kill is dropped and redone)."""
     out = Path(out)
     done = set()
     if out.exists():
@@ -91,7 +107,7 @@ def predict_to_file(model, collator: VLMCollator, samples: Sequence[Sample], ima
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out, "a", encoding="utf-8") as f:
-        for sid, ans in generate_answers(model, collator, todo, image_fn, **kwargs):
+        for sid, ans in answer(todo):
             f.write(json.dumps({"id": sid, "prediction": ans}, ensure_ascii=False) + "\n")
             f.flush()
             n += 1

@@ -19,6 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tower-precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the vision tower under bf16 autocast (faster on CPUs with bf16 units; answers may "
                         "differ slightly: 99.1%% unchanged on VQA-RAD for the shipped model)")
+    p.add_argument("--sasg", type=int, default=0, metavar="N",
+                   help="semantic-aware selective generation: sample N answers, keep the one that agrees most "
+                        "with the others (MiniLM sentence embeddings)")
+    p.add_argument("--sasg-temperature", type=float, default=0.7)
     _decoding(p)
     p.set_defaults(func=cmd_predict)
 
@@ -58,6 +62,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     samples = load_for_stats(args.data, args.format, {})
     pipe = load(args.model)
+    if args.sasg:
+        n = pipe.predict_sasg(samples, args.out, n=args.sasg, temperature=args.sasg_temperature, top_p=args.top_p,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(f"wrote {n} new SASG answer(s) ({args.sasg} candidates each) to {args.out}")
+        return 0
     n = pipe.predict(samples, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      tower_precision=args.tower_precision, **_gen_kwargs(args, pipe.tokenizer))
     print(f"wrote {n} new answer(s) to {args.out} ({len(samples) - n} already there)")

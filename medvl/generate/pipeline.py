@@ -13,18 +13,27 @@ from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """A folder, or the name of a model shipped with the package (medvl/pretrained/NAME)."""
+    from medvl.models.clip import PRETRAINED_DIR
+    path = Path(path)
+    if not path.exists() and (PRETRAINED_DIR / str(path)).is_dir():
+        return PRETRAINED_DIR / str(path)
+    if not path.is_dir():
+        raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)", path=path)
+    return path
+
+
 class VLMPipeline:
     def __init__(self, path: str | Path, max_length: int = 512):
+        self.path = path
         from transformers import AutoTokenizer
 
         from medvl.data.collate import VLMCollator
         from medvl.models.vlm import load_vlm
         from medvl.train.vlm import image_loader_for
 
-        from medvl.models.clip import PRETRAINED_DIR
-        path = Path(path)
-        if not path.exists() and (PRETRAINED_DIR / str(path)).is_dir():
-            path = PRETRAINED_DIR / str(path)  # a model shipped with the package, by name
+        path = resolve_model_path(path)
         if not path.is_dir():
             raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)",
                                  path=path)
@@ -51,6 +60,16 @@ class VLMPipeline:
         from medvl.generate.batched import predict_to_file
         return predict_to_file(self.model, self.collator, samples, self.image_fn, out, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress, **gen)
+
+
+    def predict_sasg(self, samples: Sequence[Sample], out: str | Path, n: int = 5, temperature: float = 0.7,
+                     top_p: float = 0.9, seed: int = 0, progress: bool = True, **gen) -> int:
+        """Like :meth:`predict`, each answer chosen by SASG among ``n`` samples (resumable too)."""
+        from medvl.generate.batched import append_predictions
+        from medvl.generate.sasg import sasg_answers
+        return append_predictions(out, samples, lambda todo: sasg_answers(
+            self.model, self.collator, todo, self.image_fn, n=n, temperature=temperature, top_p=top_p, seed=seed,
+            progress=progress, **gen))
 
 
 def load(path: str | Path) -> VLMPipeline:

@@ -96,7 +96,10 @@ for _d in (1, 2, 3, 4):
 class SpatialPooling(Connector):
     def __init__(self, din: int, dout: int, cfg: ConnectorConfig):
         super().__init__()
-        pool = list(cfg.pool) if len(cfg.pool) == len(cfg.grid) else [2] * len(cfg.grid)  # default 2 per axis
+        if isinstance(cfg.pool, int):
+            pool = [cfg.pool] * len(cfg.grid)
+        else:
+            pool = list(cfg.pool) if len(cfg.pool) == len(cfg.grid) else [2] * len(cfg.grid)  # default 2 per axis
         cfg.pool = pool
         if len(cfg.grid) not in (2, 3) or any(g % p for g, p in zip(cfg.grid, pool)):
             raise MedvlUserError(f"spatial_pooling needs a 2D or 3D grid divisible by pool, got "

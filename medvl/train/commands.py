@@ -9,7 +9,7 @@ import yaml
 
 from medvl.errors import MedvlUserError
 
-RECIPES = ("clip", "vlm")
+RECIPES = ("clip", "vlm", "vlm-distill")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,13 +27,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if kind not in RECIPES:
         raise MedvlUserError(f"recipe: {kind!r} is not a known recipe ({', '.join(RECIPES)})", path=path)
     from medvl.train.config import load_recipe
-    if kind == "vlm":
+    if kind in ("vlm", "vlm-distill"):  # vlm-distill: the vlm recipe with a distill section (ClinKD)
         from medvl.train.vlm import VLMTrainConfig, load_training_samples, train_vlm
         cfg = load_recipe(VLMTrainConfig, path, args.overrides)
+        if kind == "vlm-distill" and not cfg.distill:
+            raise MedvlUserError("a vlm-distill recipe needs a distill section (teacher or teacher_cache)", path=path)
         samples, skipped = load_training_samples(cfg.data)
         for k, v in skipped.items():
             print(f"note: {v} record(s) left out ({k})")
-        res = train_vlm(cfg, samples)
+        if cfg.reflect:
+            from medvl.distill.reflect import run_reflective
+            res = run_reflective(cfg, samples)
+            cfg.output_dir = str(Path(cfg.output_dir) / f"round{len(res['reflection'])}")
+        else:
+            res = train_vlm(cfg, samples)
         if res["dropped"]:
             print("note: left out while encoding: " + ", ".join(f"{v} {k}" for k, v in res["dropped"].items()))
         print(f"done: {res['steps']} steps, model in {cfg.output_dir}/model")

@@ -77,6 +77,16 @@ class VLMTrainConfig:
     """batch samples of similar length (little padding, no cross-sample attention as packing would need)"""
     stop_after_epochs: int = 0
     """end this run after N epochs (checkpoint kept; a rerun resumes) — for time-boxed jobs"""
+    distill: dict = field(default_factory=dict)
+    """logit distillation (ClinKD): {teacher: VLM folder | teacher_cache: folder from `medvl distill
+    cache-teacher`, alpha: 0.5, kind: forward|reverse|jsd, temperature: 1.0, t2_scale: false, beta: 0.5,
+    vocab: error|common, topk: 0 (live teacher: keep only its top k), device: cpu}; loss
+    (alpha*KD + CE)/(1+alpha) over answer tokens; the student uses the teacher's tokenizer"""
+    reflect: dict = field(default_factory=dict)
+    """reflective correction training (ClinKD; medvl.distill.reflect): {rounds: 1, epochs: epochs // 3,
+    task: vqa|grounding, f1_threshold: 0.5, semantic_threshold: 0.0}; empty = off"""
+    init_from: str = ""
+    """start from this VLM folder's weights and tokenizer (a previous stage or round) instead of a new model"""
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
@@ -116,7 +126,53 @@ def load_training_samples(data: dict):
     return conv.samples, {f"read: {k}": v for k, v in conv.skip_summary()}
 
 
-def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
+DISTILL_KEYS = {"teacher", "teacher_cache", "alpha", "kind", "temperature", "t2_scale", "beta", "vocab", "topk",
+                "device"}
+
+
+def make_teacher(cfg: VLMTrainConfig):
+    """The live or cached teacher and the KD loss the ``distill`` section asks for."""
+    from medvl.distill.teacher import CachedTeacher, LiveTeacher, load_teacher_tokenizer
+    from medvl.losses.logit_kd import LogitKDLoss
+
+    d = dict(cfg.distill)
+    unknown = sorted(set(d) - DISTILL_KEYS)
+    if unknown:
+        raise MedvlUserError(f"distill: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(DISTILL_KEYS))}")
+    if bool(d.get("teacher")) == bool(d.get("teacher_cache")):
+        raise MedvlUserError("distill needs exactly one of teacher (a VLM folder) or teacher_cache (a cache folder)")
+    kd = LogitKDLoss(alpha=float(d.get("alpha", 0.5)), kind=d.get("kind", "forward"),
+                     temperature=float(d.get("temperature", 1.0)), t2_scale=bool(d.get("t2_scale", False)),
+                     beta=float(d.get("beta", 0.5)), vocab=d.get("vocab", "error"))
+    if d.get("teacher_cache"):
+        return CachedTeacher(d["teacher_cache"]), kd
+    from medvl.generate.pipeline import resolve_model_path
+    path = resolve_model_path(d["teacher"])
+    tok = load_teacher_tokenizer(path)
+    t = LiveTeacher(path, tok, cfg.max_length, device=d.get("device", "cpu"), topk=int(d.get("topk", 0)),
+                    precision=cfg.precision)
+    t.tokenizer = tok
+    return t, kd
+
+
+def step_module_parts(step_module) -> dict:
+    inner = getattr(step_module, "module", step_module)  # DDP wraps it
+    return dict(inner.parts)
+
+
+def load_init(cfg: VLMTrainConfig):
+    """Weights, tokenizer and model config from a previous VLM folder (strict load)."""
+    from medvl.distill.teacher import load_teacher_tokenizer
+    from medvl.generate.pipeline import resolve_model_path
+    from medvl.models.vlm import load_vlm
+    path = resolve_model_path(cfg.init_from)
+    model = load_vlm(path).train()
+    if cfg.position_gap != getattr(model.config, "position_gap", 0):
+        model.config.position_gap = cfg.position_gap
+    return model, load_teacher_tokenizer(path)
+
+
+def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str], tokenizer=None):
     from medvl.models.tokenizers import build_bpe_tokenizer
     from medvl.models.vlm import MedVLM, MedVLMConfig
 
@@ -130,7 +186,7 @@ def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str]):
         model = MedVLM(mcfg)
         model.llm.resize_token_embeddings(len(tok))
     else:
-        tok = build_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+        tok = tokenizer if tokenizer is not None else build_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
         tc = dict(cfg.llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                   eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=tok.bos_token_id)
         mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, text_config=tc,
@@ -163,14 +219,18 @@ def _train_native_recipe(cfg: VLMTrainConfig, samples, policy: dict, rank: int) 
 
 class _Step(torch.nn.Module):
     """One training step's forward as a module, so DDP can wrap it: embed the text, run the
-    connector on the (cached or fresh) vision tokens, scatter, and take the answer loss."""
+    connector on the (cached or fresh) vision tokens, scatter, and take the answer loss —
+    cross-entropy, or with ``kd`` (a :class:`medvl.losses.logit_kd.LogitKDLoss`) and the
+    teacher's answer-position logits, (alpha * KD + CE) / (1 + alpha)."""
 
-    def __init__(self, model, packing: bool):
+    def __init__(self, model, packing: bool, kd=None):
         super().__init__()
         self.model = model
         self.packing = packing
+        self.kd = kd
+        self.parts: dict = {}
 
-    def forward(self, enc: dict, vt: torch.Tensor | None, cached: bool) -> torch.Tensor:
+    def forward(self, enc: dict, vt: torch.Tensor | None, cached: bool, teacher=None) -> torch.Tensor:
         m = self.model
         text = m.llm.get_input_embeddings()(enc["input_ids"])  # [B, T, D]
         if vt is not None:
@@ -179,27 +239,39 @@ class _Step(torch.nn.Module):
             mask = (enc["input_ids"] == m.config.image_token_id).unsqueeze(-1)
             text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
         if self.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
-            return answer_loss(m.llm, text, enc["labels"], position_ids=enc["position_ids"])
-        kw = {"attention_mask": enc["attention_mask"]}
-        pos = m.position_ids(enc["input_ids"], enc["attention_mask"])  # modality-gap positions, if configured
-        if pos is not None:
-            kw["position_ids"] = pos
-        return answer_loss(m.llm, text, enc["labels"], **kw)
+            kw = {"position_ids": enc["position_ids"]}
+        else:
+            kw = {"attention_mask": enc["attention_mask"]}
+            pos = m.position_ids(enc["input_ids"], enc["attention_mask"])  # modality-gap positions, if configured
+            if pos is not None:
+                kw["position_ids"] = pos
+        logits, target = answer_logits(m.llm, text, enc["labels"], **kw)  # [N, V], [N]
+        if self.kd is None or teacher is None:
+            return torch.nn.functional.cross_entropy(logits.float(), target)
+        out = self.kd(logits, teacher, target)
+        self.parts = {"kd": float(out["kd"]), "ce": float(out["ce"])}
+        return out["loss"]
+
+
+def answer_logits(llm, inputs_embeds: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM-head logits only at the positions that predict an answer token ([N, V]) and those tokens ([N]),
+    without [B, T, vocab] logits for the prompt and image tokens (the shift is applied here)."""
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    target = labels[:, 1:]
+    sel = target != -100  # [B, T-1]
+    if decoder is None or head is None:
+        logits = llm(inputs_embeds=inputs_embeds, use_cache=False, **kw).logits
+        return logits[:, :-1][sel], target[sel]
+    h = decoder(inputs_embeds=inputs_embeds, use_cache=False, **kw).last_hidden_state  # [B, T, D]
+    return head(h[:, :-1][sel]), target[sel]  # [N, V], [N]
 
 
 def answer_loss(llm, inputs_embeds: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
-    """Next-token cross-entropy over the labelled (answer) positions, computing the LM head
-    only there: the same value as the model's own loss (mean over labelled tokens), without
-    [B, T, vocab] logits for the prompt and image tokens."""
-    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
-    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
-    if decoder is None or head is None:
-        return llm(inputs_embeds=inputs_embeds, labels=labels, use_cache=False, **kw).loss
-    h = decoder(inputs_embeds=inputs_embeds, use_cache=False, **kw).last_hidden_state  # [B, T, D]
-    target = labels[:, 1:]
-    sel = target != -100  # [B, T-1]
-    logits = head(h[:, :-1][sel])  # [n_answer_tokens, V]
-    return torch.nn.functional.cross_entropy(logits.float(), target[sel])
+    """Next-token cross-entropy over the labelled (answer) positions: the same value as the
+    model's own loss (mean over labelled tokens), with the LM head run only there."""
+    logits, target = answer_logits(llm, inputs_embeds, labels, **kw)
+    return torch.nn.functional.cross_entropy(logits.float(), target)
 
 
 def pack(encoded: list, pack_length: int, order: list[int]) -> list[list[int]]:
@@ -295,8 +367,11 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
         raise MedvlUserError("position_gap with packing is not supported: packed rows restart positions per "
                              "sample; turn one of them off")
     texts = [t.text.replace("<image>", " ") for s in samples for t in s.conversation]
-    model, tok = build_model_and_tokenizer(cfg, texts)  # the BPE training is deterministic, so a resume
-    # rebuilds the same vocabulary
+    teacher, kd = make_teacher(cfg) if cfg.distill else (None, None)
+    if cfg.init_from:
+        model, tok = load_init(cfg)
+    else:  # the BPE training is deterministic, so a resume rebuilds the same vocabulary
+        model, tok = build_model_and_tokenizer(cfg, texts, getattr(teacher, "tokenizer", None))
     for name in ("vision", "connector", "llm"):
         if policy[name] not in ("frozen", "full", "lora"):
             raise MedvlUserError(f"freeze.{name} must be frozen, full or lora, got {policy[name]!r}")
@@ -306,6 +381,11 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
             setattr(model, name, _with_lora(getattr(model, name), cfg.lora, name))
     collator = VLMCollator(tok, tokens_per_image=model.tokens_per_image, max_length=cfg.max_length)
     encoded = [e for e in (collator.encode(s) for s in samples) if e is not None]
+    if teacher is not None:  # the teacher encodes the same samples with its own image-token count
+        lost = teacher.prepare([s for s in samples if s.id in {e.id for e in encoded}])
+        if lost:
+            encoded = [e for e in encoded if e.id not in lost]
+            collator.stats.dropped["teacher cannot encode (too long for it / not in the cache)"] = len(lost)
     if not encoded:
         raise MedvlUserError("no training sample survived encoding: " + json.dumps(collator.stats.dropped))
     load = image_loader_for(model)
@@ -335,7 +415,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
         encoded = encoded[:n][rank::world]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step_module = _Step(model, cfg.packing)
+    step_module = _Step(model, cfg.packing, kd)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         step_module = DistributedDataParallel(step_module)
@@ -406,8 +486,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
             vt = None
             if imgs:
                 vt = torch.stack([cache[m.path] for m in imgs]) if cache else torch.stack([load(m) for m in imgs])
+            trows = teacher.rows([e.id for e in batch]) if teacher is not None else None  # [N, V] or TopK
             with autocast:
-                loss = step_module(enc, vt, bool(cache))
+                loss = step_module(enc, vt, bool(cache), trows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -421,7 +502,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                 # MFU: 6 x non-embedding LM parameters per token (forward + backward), vision excluded
                 rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr,
                        "samples_per_s": seen / el, "tokens_per_s": tokens / el,
-                       "mfu": 6 * n_llm * tokens / el / peak}
+                       "mfu": 6 * n_llm * tokens / el / peak, **step_module_parts(step_module)}
                 log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rec['samples_per_s']:.1f}")
         if rank != 0:

@@ -1,0 +1,105 @@
+"""Reflective correction training (ClinKD): learn from the student's own mistakes.
+
+After a training round the student answers its training questions. An answer is a mistake
+when the task's metric says so — VQA: closed questions by whole-word yes/no (medvl's
+closed accuracy), open questions by token F1 below ``f1_threshold``; grounding: IoU < 0.5
+of the first predicted box — or, optionally, when its sentence embedding is farther than
+``semantic_threshold`` (cosine) from the reference. Every mistake becomes a *correction
+sample*:
+
+    user:      <image> question
+    assistant: the student's wrong answer
+    user:      a request to look again and correct it (REFLECT_PROMPT)
+    assistant: the reference answer        <- the only turn with loss
+
+(``meta.loss_on = "last"`` tells the collator to learn the final turn only: training on the
+wrong answer would teach it.) The next round continues from the previous weights on the
+original data plus the corrections; rounds and every round's counts are logged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from medvl.data.schema import Sample, Turn
+
+REFLECT_PROMPT = "Look at the image again and check the answer above. If it is wrong, give the correct answer."
+
+
+def is_mistake(pred: str, ref: str, answer_type: str | None = None, task: str = "vqa", f1_threshold: float = 0.5,
+               ref_box=None) -> bool:
+    from medvl.eval.vqa import _closed_correct, normalise_answer, token_prf
+    if task == "grounding":
+        from medvl.eval.classification import iou, parse_boxes_from_text
+        boxes = parse_boxes_from_text(pred)
+        target = ref_box if ref_box is not None else (parse_boxes_from_text(ref) or [None])[0]
+        return not boxes or target is None or iou(boxes[0], target) < 0.5
+    closed = (answer_type or "").upper() == "CLOSED" or normalise_answer(ref) in ("yes", "no")
+    if closed:
+        return not _closed_correct(ref, pred)
+    return token_prf(ref, pred)[2] < f1_threshold
+
+
+def correction_samples(samples: Sequence[Sample], preds: dict[str, str], round_: int, task: str = "vqa",
+                       f1_threshold: float = 0.5, semantic_threshold: float = 0.0, encoder=None) -> tuple[list, dict]:
+    """The correction samples for the student's mistakes, and counts by reason."""
+    out, counts = [], {"answered": 0, "wrong_by_metric": 0, "wrong_by_meaning": 0}
+    for s in samples:
+        if s.id not in preds or not s.conversation or s.conversation[-1].role != "assistant":
+            continue
+        counts["answered"] += 1
+        ref, pred = s.conversation[-1].text, preds[s.id]
+        wrong = is_mistake(pred, ref, s.labels.get("answer_type"), task, f1_threshold)
+        if wrong:
+            counts["wrong_by_metric"] += 1
+        elif semantic_threshold > 0:
+            from medvl.generate.sasg import SentenceEncoder
+            encoder = encoder or SentenceEncoder()
+            e = encoder([pred, ref])
+            if float(e[0] @ e[1]) < semantic_threshold:
+                wrong = True
+                counts["wrong_by_meaning"] += 1
+        if not wrong:
+            continue
+        conv = list(s.conversation[:-1]) + [Turn("assistant", pred), Turn("user", REFLECT_PROMPT),
+                                            Turn("assistant", ref)]
+        out.append(replace(s, id=f"{s.id}#reflect{round_}", conversation=conv,
+                           meta={**s.meta, "loss_on": "last", "reflect_round": round_, "wrong_answer": pred}))
+    return out, counts
+
+
+def run_reflective(cfg, train: Sequence[Sample], progress: bool = True) -> dict:
+    """Round 0 trains as configured; each of ``cfg.reflect['rounds']`` later rounds answers the
+    training set, builds corrections, and continues training on original + corrections."""
+    from medvl.generate.batched import generate_answers
+    from medvl.train.vlm import image_loader_for, strip_images, train_vlm
+
+    r = {"rounds": 1, "epochs": max(1, cfg.epochs // 3), "task": "vqa", "f1_threshold": 0.5,
+         "semantic_threshold": 0.0, **cfg.reflect}
+    base = Path(cfg.output_dir)
+    res = train_vlm(replace(cfg, reflect={}, output_dir=str(base / "round0")), train, progress=progress)
+    log = []
+    data = strip_images(train) if cfg.question_only else list(train)
+    for k in range(1, int(r["rounds"]) + 1):
+        model, collator = res["model"], res["collator"]
+        preds = dict(generate_answers(model, collator, data, image_loader_for(model), batch_size=64,
+                                      max_new_tokens=32, progress=progress))
+        fixes, counts = correction_samples(data, preds, k, r["task"], float(r["f1_threshold"]),
+                                           float(r["semantic_threshold"]))
+        rec = {"round": k, **counts, "train_accuracy": 1 - counts["wrong_by_metric"] / max(1, counts["answered"]),
+               "corrections": len(fixes)}
+        log.append(rec)
+        if progress:
+            print(f"reflect round {k}: {counts['wrong_by_metric']} of {counts['answered']} training answers wrong "
+                  f"by the metric, {counts['wrong_by_meaning']} by meaning -> {len(fixes)} correction samples")
+        prev = base / f"round{k - 1}" / "model"
+        res = train_vlm(replace(cfg, reflect={}, init_from=str(prev), epochs=int(r["epochs"]),
+                                warmup_steps=min(cfg.warmup_steps, 10), output_dir=str(base / f"round{k}")),
+                        list(train) + fixes, progress=progress)
+    (base / "reflection.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    (base / "reflection.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    res["reflection"] = log
+    return res

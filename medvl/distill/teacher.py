@@ -1,0 +1,153 @@
+"""Teachers for logit distillation: a live frozen VLM, or its top-k logits cached on disk.
+
+Both hand the trainer the teacher's logits at the student batch's answer positions, in the
+student's row order (sample by sample, positions ascending), so the loss can pair rows
+one to one. Teacher and student must share the tokenizer — the student is built with the
+teacher's — but not the architecture: each model encodes the same sample with its own
+number of image tokens, and the answer tokens (identical ids) line up.
+
+* :class:`LiveTeacher` — any composed VLM medvl loads (it may be larger, and on another
+  device: its logits come back to the student's). Frozen, eval mode, no gradient; its
+  vision tokens are computed once per distinct image.
+* :class:`CachedTeacher` — a folder written by :func:`cache_teacher` (``medvl distill
+  cache-teacher``): per answer token the k largest teacher logits (fp16) and their ids
+  (int32), with the teacher's tokenizer. k = 32 over a 150k vocabulary stores 192 bytes per
+  answer token instead of 600 kB; the loss is then computed on the top-k support (see
+  :mod:`medvl.losses.logit_kd`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from medvl.errors import MedvlUserError
+from medvl.losses.logit_kd import TopK, topk_of, topk_missing_mass
+
+
+def load_teacher_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    path = Path(path)
+    tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except OSError as e:
+        raise MedvlUserError(f"no tokenizer with the teacher ({e})", path=path) from None
+
+
+class LiveTeacher:
+    def __init__(self, path: str | Path, tokenizer, max_length: int, device: str = "cpu", topk: int = 0,
+                 precision: str = "bf16"):
+        from medvl.data.collate import VLMCollator
+        from medvl.generate.pipeline import resolve_model_path
+        from medvl.models.vlm import load_vlm
+
+        self.model = load_vlm(resolve_model_path(path)).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad = False
+        self.device = device
+        self.topk = topk
+        self.precision = precision
+        self.collator = VLMCollator(tokenizer, tokens_per_image=self.model.tokens_per_image, max_length=max_length)
+        self.encoded: dict = {}
+        self.vision_cache: dict = {}
+        self.missing_mass: list[float] = []
+
+    def prepare(self, samples: Sequence) -> set[str]:
+        """Encode the samples with the teacher's image-token count and cache its vision tokens;
+        returns the ids the teacher could not encode (too long for it)."""
+        from medvl.data.schema import Media
+        from medvl.train.vlm import image_loader_for
+        load = image_loader_for(self.model)
+        lost = set()
+        for s in samples:
+            e = self.collator.encode(s)
+            if e is None:
+                lost.add(s.id)
+                continue
+            self.encoded[s.id] = e
+            for m in e.images:
+                if m.path not in self.vision_cache:
+                    with torch.no_grad():
+                        self.vision_cache[m.path] = self.model.vision(load(Media(m.path))[None].to(self.device))[0]
+        return lost
+
+    @torch.no_grad()
+    def rows(self, ids: Sequence[str]) -> torch.Tensor | TopK:
+        """Teacher logits at the answer positions of these samples, in order: [N, V] (or TopK)."""
+        from medvl.train.vlm import answer_logits
+        m = self.model
+        batch = [self.encoded[i] for i in ids]
+        enc = {k: v.to(self.device) for k, v in self.collator(batch).items()}
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            imgs = [im for e in batch for im in e.images]
+            vt = torch.stack([self.vision_cache[im.path] for im in imgs]) if imgs else None
+            emb = m.embed(enc["input_ids"], None, vt)
+            kw = {"attention_mask": enc["attention_mask"]}
+            pos = m.position_ids(enc["input_ids"], enc["attention_mask"])
+            if pos is not None:
+                kw["position_ids"] = pos
+            logits, _ = answer_logits(m.llm, emb, enc["labels"], **kw)  # [N, V]
+        logits = logits.float().cpu()
+        if self.topk:
+            self.missing_mass.append(float(topk_missing_mass(logits, self.topk)))
+            return topk_of(logits, self.topk)
+        return logits
+
+
+class CachedTeacher:
+    def __init__(self, folder: str | Path):
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        if not (folder / "teacher_topk.safetensors").exists():
+            raise MedvlUserError("not a teacher cache (expected teacher_topk.safetensors, index.json, tokenizer/); "
+                                 "write one with `medvl distill cache-teacher`", path=folder)
+        t = load_file(str(folder / "teacher_topk.safetensors"))
+        self.values, self.indices, offsets = t["values"], t["indices"], t["offsets"].tolist()
+        self.index = json.loads((folder / "index.json").read_text())
+        self.span = {sid: (offsets[k], offsets[k + 1]) for k, sid in enumerate(self.index["ids"])}
+        self.tokenizer = load_teacher_tokenizer(folder)
+
+    def prepare(self, samples: Sequence) -> set[str]:
+        return {s.id for s in samples if s.id not in self.span}
+
+    def rows(self, ids: Sequence[str]) -> TopK:
+        sl = [self.span[i] for i in ids]
+        return TopK(torch.cat([self.values[a:b] for a, b in sl]), torch.cat([self.indices[a:b] for a, b in sl]))
+
+
+def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk: int = 32, max_length: int = 128,
+                  batch_size: int = 32, progress: bool = True) -> dict:
+    """Run the teacher over the samples once and store its top-k answer-position logits."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from medvl.generate.pipeline import resolve_model_path
+    path = resolve_model_path(teacher)
+    tok = load_teacher_tokenizer(path)
+    live = LiveTeacher(path, tok, max_length, topk=topk)
+    lost = live.prepare(samples)
+    ids = [s.id for s in samples if s.id not in lost]
+    if len(set(ids)) != len(ids):
+        raise MedvlUserError("sample ids repeat: the cache is keyed by id")
+    values, indices, offsets = [], [], [0]
+    for b in tqdm(range(0, len(ids), batch_size), desc="teacher top-k", unit="batch", disable=not progress):
+        chunk = ids[b:b + batch_size]
+        rows = live.rows(chunk)
+        values.append(rows.values)
+        indices.append(rows.indices)
+        for i in chunk:  # rows per sample = answer tokens after the shift
+            offsets.append(offsets[-1] + sum(1 for y in live.encoded[i].labels[1:] if y != -100))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous(),
+               "offsets": torch.tensor(offsets)}, str(out / "teacher_topk.safetensors"))
+    info = {"ids": ids, "k": topk, "teacher": str(teacher), "answer_tokens": offsets[-1],
+            "skipped_too_long": sorted(lost),
+            "mean_missing_mass": sum(live.missing_mass) / max(1, len(live.missing_mass))}
+    (out / "index.json").write_text(json.dumps(info))
+    tok.save_pretrained(str(out / "tokenizer"))
+    return {k: v for k, v in info.items() if k != "ids"} | {"samples": len(ids)}
