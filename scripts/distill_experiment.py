@@ -73,8 +73,8 @@ def main() -> int:
              ("student, KD + reflective correction", replace(base, distill=kd), {"rounds": 1, "epochs": 3})]
     for name, cfg, reflect in plans:
         t0 = time.perf_counter()
-        cfg = replace(cfg, output_dir=str(out / name.split(",")[1].strip().split(" ")[0].lower()
-                                          + ("-reflect" if reflect else "")))
+        tag = name.split(",")[1].strip().split(" ")[0].lower() + ("-reflect" if reflect else "")
+        cfg = replace(cfg, output_dir=str(out / tag))
         if reflect:
             res = run_reflective(replace(cfg, reflect=reflect), train)
             extra = f"{args.epochs} + {reflect['epochs']}"

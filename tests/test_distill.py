@@ -140,3 +140,21 @@ def test_sasg_picks_the_semantic_consensus_and_predicts(teacher_dir, tmp_path):
                  "--sasg", "3", "--max-new-tokens", "4"]) == 0
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     assert len(lines) == 451 and len({json.loads(x)["id"] for x in lines}) == 451
+
+
+def test_every_vlm_recipe_parses_with_known_distill_and_reflect_keys():
+    from pathlib import Path
+
+    import yaml
+
+    from medvl.train.config import load_recipe
+    from medvl.train.vlm import DISTILL_KEYS, VLMTrainConfig
+    n = 0
+    for path in sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")):
+        if yaml.safe_load(path.read_text()).get("recipe") not in ("vlm", "vlm-distill"):
+            continue
+        cfg = load_recipe(VLMTrainConfig, path, ["distill.teacher_cache=x"] if "distill" in path.name else [])
+        assert set(cfg.distill) <= DISTILL_KEYS
+        assert set(cfg.reflect) <= {"rounds", "epochs", "task", "f1_threshold", "semantic_threshold"}
+        n += 1
+    assert n >= 6

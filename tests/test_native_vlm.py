@@ -84,3 +84,19 @@ def test_native_vlm_through_the_recipe(tmp_path):
     assert res["trainable"]["connector"] > 0
     back = NativeVLM.from_pretrained(tmp_path / "out" / "model")
     assert len(back.generate(load_bundled("vqa-rad", "test")[:2], max_new_tokens=2)) == 2
+
+
+def test_predict_chat_and_load_work_on_a_native_folder(tmp_path, capsys):
+    import json
+
+    import medvl
+    from medvl.cli import main
+    tiny_llava().save(tmp_path / "llava")
+    pipe = medvl.load(tmp_path / "llava")
+    assert type(pipe).__name__ == "NativePipeline"
+    img = load_bundled("vqa-rad", "test")[0].images[0].path
+    assert isinstance(pipe.answer(img, "Is this a CT?", max_new_tokens=3), str)
+    assert main(["predict", "--model", str(tmp_path / "llava"), "--data", "vqa-rad/test", "--out",
+                 str(tmp_path / "p.jsonl"), "--max-new-tokens", "2", "--batch-size", "64"]) == 0
+    assert len({json.loads(x)["id"] for x in (tmp_path / "p.jsonl").read_text().splitlines()}) == 451
+    assert main(["chat", "--model", str(tmp_path / "llava"), "--image", img, "--max-new-tokens", "2", "Which organ?"]) == 0

@@ -78,7 +78,15 @@ def run_reflective(cfg, train: Sequence[Sample], progress: bool = True) -> dict:
     from medvl.train.vlm import image_loader_for, strip_images, train_vlm
 
     r = {"rounds": 1, "epochs": max(1, cfg.epochs // 3), "task": "vqa", "f1_threshold": 0.5,
-         "semantic_threshold": 0.0, **cfg.reflect}
+         "semantic_threshold": 0.0}
+    unknown = sorted(set(cfg.reflect) - set(r))
+    if unknown:
+        from medvl.errors import MedvlUserError
+        raise MedvlUserError(f"reflect: unknown key(s) {', '.join(unknown)}; known: {', '.join(r)}")
+    if cfg.reflect.get("task", "vqa") not in ("vqa", "grounding"):
+        from medvl.errors import MedvlUserError
+        raise MedvlUserError(f"reflect.task must be vqa or grounding, got {cfg.reflect['task']!r}")
+    r.update(cfg.reflect)
     base = Path(cfg.output_dir)
     res = train_vlm(replace(cfg, reflect={}, output_dir=str(base / "round0")), train, progress=progress)
     log = []

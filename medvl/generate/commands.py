@@ -70,7 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     n = pipe.predict(samples, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      tower_precision=args.tower_precision, **_gen_kwargs(args, pipe.tokenizer))
     print(f"wrote {n} new answer(s) to {args.out} ({len(samples) - n} already there)")
-    if pipe.collator.stats.dropped:
+    if pipe.collator is not None and pipe.collator.stats.dropped:
         print(f"note: {pipe.collator.stats.dropped}")
     return 0
 

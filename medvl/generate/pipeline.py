@@ -72,5 +72,43 @@ class VLMPipeline:
             progress=progress, **gen))
 
 
-def load(path: str | Path) -> VLMPipeline:
-    return VLMPipeline(path)
+class NativePipeline:
+    """The same interface over a native Hugging Face VLM folder (LLaVA, Qwen2-VL ...): its own
+    processor and ``generate``, batched and left-padded (:class:`medvl.models.native.NativeVLM`)."""
+
+    def __init__(self, path: str | Path):
+        from medvl.models.native import NativeVLM
+        self.path = path
+        self.native = NativeVLM.from_pretrained(resolve_model_path(path))
+        self.tokenizer = self.native.tok
+        self.collator = None
+
+    def answer(self, image: str | Path | None, question: str, max_new_tokens: int = 64, **gen) -> str:
+        images = [Media(str(image))] if image else []
+        s = Sample("chat", images, [Turn("user", ("<image>\n" if image else "") + question)])
+        return self.native.generate([s], batch_size=1, max_new_tokens=max_new_tokens, **gen)[0]
+
+    def predict(self, samples: Sequence[Sample], out: str | Path, batch_size: int = 16, max_new_tokens: int = 64,
+                progress: bool = True, tower_precision: str = "fp32", **gen) -> int:
+        from medvl.generate.batched import append_predictions
+
+        def answer(todo):
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i:i + batch_size]
+                yield from zip([s.id for s in chunk], self.native.generate(chunk, batch_size=batch_size,
+                                                                           max_new_tokens=max_new_tokens, **gen))
+        return append_predictions(out, samples, answer)
+
+    def predict_sasg(self, *a, **k) -> int:
+        raise MedvlUserError("SASG runs on composed medvl VLMs; for a native model use sampling (--sample)")
+
+
+def load(path: str | Path) -> VLMPipeline | NativePipeline:
+    """A composed medvl VLM folder, a native Hugging Face VLM folder, or a shipped model's name."""
+    import json
+    folder = resolve_model_path(path)
+    try:
+        mtype = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise MedvlUserError("no readable config.json: not a model folder", path=folder) from None
+    return VLMPipeline(folder) if mtype == "medvl_vlm" else NativePipeline(folder)
