@@ -61,7 +61,7 @@ def main() -> int:
     train, test = load_bundled("vqa-rad", "train"), load_bundled("vqa-rad", "test")
     rows: dict = {}
     teacher = load(args.teacher)
-    n_params = lambda m: sum(p.numel() for p in m.llm.parameters())  # noqa: E731
+    n_params = lambda m: sum(p.numel() for p in m.llm.parameters())
     rows["teacher (medvl-vqarad-small)"] = {"epochs": "15", "llm_params": n_params(teacher.model),
                                             "greedy": score(teacher.model, teacher.collator, test, False),
                                             "sasg5": score(teacher.model, teacher.collator, test, True)}

@@ -42,7 +42,12 @@ def test_live_teacher_distillation_logs_kd_and_never_touches_the_teacher(teacher
 
 
 def test_cached_topk_teacher_equals_live_topk_and_trains(teacher_dir, tmp_path):
-    from medvl.distill.teacher import CachedTeacher, LiveTeacher, cache_teacher, load_teacher_tokenizer
+    from medvl.distill.teacher import (
+        CachedTeacher,
+        LiveTeacher,
+        cache_teacher,
+        load_teacher_tokenizer,
+    )
     from medvl.train.vlm import train_vlm
     data = load_bundled("vqa-rad", "train")[:16]
     info = cache_teacher(teacher_dir, data, tmp_path / "cache", topk=8, max_length=128, batch_size=5, progress=False)

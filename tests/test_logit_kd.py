@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from medvl.errors import MedvlUserError
-from medvl.losses.logit_kd import LogitKDLoss, TopK, answer_rows, divergence, sequence_kd_loss, topk_of
+from medvl.losses.logit_kd import (
+    LogitKDLoss,
+    TopK,
+    answer_rows,
+    divergence,
+    sequence_kd_loss,
+    topk_of,
+)
 
 
 def softmax(xs, T=1.0):

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from medvl.models.position_ids import enable_qwen2vl_gap, gap_position_ids, qwen2vl_gap_rope_index
+from medvl.models.position_ids import (
+    enable_qwen2vl_gap,
+    gap_position_ids,
+    qwen2vl_gap_rope_index,
+)
 
 IMG = 99
 
@@ -73,9 +77,9 @@ def test_qwen2vl_cached_generation_with_gap_equals_uncached():
 
 
 def test_composed_vlm_cached_generation_with_gap_equals_full_recompute():
-    from tests.test_vlm import make
-    from medvl.models.tokenizers import build_bpe_tokenizer
     from medvl.data.bundled import load_bundled
+    from medvl.models.tokenizers import build_bpe_tokenizer
+    from tests.test_vlm import make
     texts = [t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation]
     tok = build_bpe_tokenizer(texts, vocab_size=300)
     torch.manual_seed(0)
@@ -107,8 +111,8 @@ def test_composed_vlm_cached_generation_with_gap_equals_full_recompute():
 
 def test_native_gap_is_saved_and_reapplied(tmp_path):
     pytest.importorskip("torchvision")
-    from medvl.models.native import NativeVLM
     from medvl.errors import MedvlUserError
+    from medvl.models.native import NativeVLM
     vlm = _qwen_inner()
     vlm.set_position_gap(2)
     vlm.save(tmp_path / "q")

@@ -13,8 +13,8 @@ pseudo-labels equal them — are returned for the user to see.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from medvl.data.schema import Sample, Turn
 

@@ -20,9 +20,9 @@ original data plus the corrections; rounds and every round's counts are logged.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from medvl.data.schema import Sample, Turn
 

@@ -19,13 +19,13 @@ number of image tokens, and the answer tokens (identical ids) line up.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from medvl.errors import MedvlUserError
-from medvl.losses.logit_kd import TopK, topk_of, topk_missing_mass
+from medvl.losses.logit_kd import TopK, topk_missing_mass, topk_of
 
 
 def load_teacher_tokenizer(path: str | Path):
