@@ -19,6 +19,7 @@ from medvl.errors import MedvlUserError
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data import commands as data_commands
     from medvl.distill import commands as distill_commands
+    from medvl.serve import commands as serve_commands
     from medvl.eval import commands as eval_commands
     from medvl.generate import commands as generate_commands
     from medvl.models import commands as model_commands
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.add_parser(sub)
     generate_commands.add_parser(sub)
     distill_commands.add_parser(sub)
+    serve_commands.add_parser(sub)
     q = sub.add_parser("quickstart", help="train a small VLM on the bundled VQA-RAD and evaluate it (with and without images)")
     q.add_argument("--out", default="medvl-quickstart")
     q.add_argument("--epochs", type=int, default=15)

@@ -164,12 +164,13 @@ class MedVLM(PreTrainedModel):
 def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                   eos_token_id: int | list | None, pad_token_id: int | None,
                   position_ids: torch.Tensor | None = None, *, do_sample: bool = False, temperature: float = 1.0,
-                  top_p: float = 1.0, return_logprobs: bool = False):
+                  top_p: float = 1.0, return_logprobs: bool = False, on_token=None):
     """Greedy (or sampled) decoding with a KV cache from prompt embeddings; returns new tokens [B, new]
     (and, with ``return_logprobs``, each chosen token's log-probability [B, new], 0 after EOS).
 
     Sampling draws from softmax(logits / temperature) restricted to the top-p nucleus, with
-    torch's global generator (seed it for reproducible candidates).
+    torch's global generator (seed it for reproducible candidates). ``on_token(tokens [B])`` is
+    called after every step (streaming); returning True from it stops decoding.
 
     Prompts are left-padded (``attention_mask`` [B, T]). Positions default to the count of
     real tokens before each one (what ``generate`` derives from the mask); given
@@ -206,6 +207,8 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
         new.append(nxt)
         if len(eos):
             done = done | torch.isin(nxt, eos)
+        if on_token is not None and on_token(nxt):
+            break
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         pos = pos + 1

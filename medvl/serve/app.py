@@ -1,0 +1,512 @@
+"""The HTTP server: an OpenAI-compatible chat API for a medvl VLM, zero-shot and embeddings
+for a medical CLIP, health / readiness, and the web page — one FastAPI app.
+
+Design choices:
+
+* **OpenAI wire format** (``/v1/chat/completions``, ``/v1/models``, ``/v1/embeddings``) so
+  the official ``openai`` client and the tools built on it work unchanged; errors use its
+  ``{"error": {"message", "type", "code"}}`` body. Images travel as ``image_url`` data URIs
+  (:mod:`medvl.serve.uploads`); the last user message is the question, its images the input.
+* **Batching**: non-streaming chat requests go through :class:`medvl.serve.batcher.Batcher`
+  into one :func:`medvl.generate.batched.generate_answers` call per batch (requests with
+  different decoding settings in one batch are split into groups). Streaming requests
+  decode alone with a per-token callback (server-sent events, OpenAI's chunk format).
+* **Limits**: body bytes (checked on the stream, not only the header), image bytes and
+  pixels, ``max_tokens`` capped, a per-request timeout (504), a bounded queue (503 +
+  Retry-After), optional bearer-token auth, JSON-only POST bodies (415). Client mistakes are
+  4xx with a message; an unexpected server fault is a 500 with a generic message and the
+  traceback only in the server log.
+"""
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+from medvl.serve.batcher import Batcher, QueueFull
+from medvl.serve.uploads import RequestError, UploadStore
+
+log = logging.getLogger("medvl.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class ServeConfig:
+    max_body_bytes: int = 24 * 2**20
+    max_image_bytes: int = 16 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_tokens_cap: int = 256
+    default_max_tokens: int = 64
+    timeout_s: float = 60.0
+    max_queue: int = 64
+    max_batch: int = 32
+    batch_wait_ms: float = 10.0
+    max_labels: int = 64
+    max_embedding_inputs: int = 64
+    api_key: str | None = None
+
+
+def _models():
+    """Pydantic request models (built lazily: pydantic comes with the serve extra)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ImageURL(BaseModel):
+        url: str
+        detail: str | None = None
+
+    class Part(BaseModel):
+        type: Literal["text", "image_url"]
+        text: str | None = None
+        image_url: ImageURL | None = None
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        role: Literal["system", "user", "assistant", "developer"]
+        content: str | list[Part] | None = None
+
+    class ChatRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        model: str
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: int | None = Field(default=None, ge=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+        top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+        stream: bool = False
+        n: int = 1
+        seed: int | None = None
+
+    class ZeroShotRequest(BaseModel):
+        model: str | None = None
+        image: str
+        labels: list[str] = Field(min_length=2)
+        window: str | None = None
+
+    class PreviewRequest(BaseModel):
+        image: str
+        window: str | None = None
+
+    class EmbeddingRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        model: str
+        input: str | list[str]
+        encoding_format: Literal["float", "base64"] = "float"
+
+    return ChatRequest, ZeroShotRequest, EmbeddingRequest, PreviewRequest
+
+
+class Server:
+    """The loaded models and everything a request needs; the FastAPI app wraps it."""
+
+    def __init__(self, vlm: str | None, clip: str | None, cfg: ServeConfig, *, vlm_name: str | None = None,
+                 clip_name: str | None = None):
+        import torch
+        self.cfg = cfg
+        self.store = UploadStore(cfg.max_image_bytes, cfg.max_image_pixels)
+        self.lock = threading.Lock()  # one model call at a time (batcher and streams share the model)
+        self.pipe = self.clip = None
+        if vlm:
+            from medvl.generate.pipeline import VLMPipeline, resolve_model_path
+            self.pipe = VLMPipeline(resolve_model_path(vlm))
+            self.vlm_name = vlm_name or Path(str(vlm)).name
+        if clip:
+            from medvl.models.clip import load_clip
+            self.clip = load_clip(clip).eval()
+            self.clip_name = clip_name or Path(str(clip)).name
+        if self.pipe is None and self.clip is None:
+            raise ValueError("serve needs a VLM (--model) or a CLIP (--clip)")
+        self.batcher = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue)
+        self.ready = True
+        self.torch = torch
+
+    # -- chat ------------------------------------------------------------------------------
+    def parse_chat(self, req) -> tuple[Any, list, dict]:
+        """Request -> (Sample, uploaded media, decoding settings); raises RequestError."""
+        from medvl.data.schema import Sample, Turn
+        if self.pipe is None:
+            raise RequestError(404, "this server has no chat model (start it with --model)", "model_not_found")
+        if req.model != self.vlm_name:
+            raise RequestError(404, f"model {req.model!r} is not served here; GET /v1/models lists "
+                                    f"{self.vlm_name!r}", "model_not_found")
+        if req.n != 1:
+            raise RequestError(400, "n must be 1")
+        users = [m for m in req.messages if m.role == "user"]
+        if not users:
+            raise RequestError(400, "messages need a user message")
+        last = users[-1]
+        parts = [SimpleNamespace(type="text", text=last.content)] if isinstance(last.content, str) \
+            else (last.content or [])
+        texts, media = [], []
+        try:
+            for p in parts:
+                if p.type == "text":
+                    texts.append(p.text or "")
+                elif p.type == "image_url":
+                    if p.image_url is None:
+                        raise RequestError(400, "image_url part without an image_url object")
+                    media.append(self.store.decode(p.image_url.url)[0])
+            if len(media) > 1:
+                raise RequestError(400, "one image per request (this model takes a single image)")
+        except RequestError:
+            for m in media:
+                self.store.release(m)
+            raise
+        question = " ".join(t for t in texts if t).strip()
+        if not question:
+            for m in media:
+                self.store.release(m)
+            raise RequestError(400, "the user message has no text question")
+        want = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
+        settings = {"max_new_tokens": min(want, self.cfg.max_tokens_cap)}
+        if req.temperature:  # temperature 0 / None = greedy
+            settings.update(do_sample=True, temperature=req.temperature, top_p=req.top_p or 1.0)
+        sample = Sample(f"req-{uuid.uuid4().hex[:12]}", media, [Turn("user", ("<image>\n" if media else "") + question)])
+        return sample, media, settings
+
+    def _run_batch(self, items) -> list[str]:
+        """items: (sample, settings) -> answers; one generate call per distinct setting."""
+        from medvl.generate.batched import generate_answers
+        groups: dict = {}
+        for k, (s, st) in enumerate(items):
+            groups.setdefault(json.dumps(st, sort_keys=True), []).append(k)
+        out: list = [None] * len(items)
+        with self.lock:
+            for key, idx in groups.items():
+                st = json.loads(key)
+                got = dict(generate_answers(self.pipe.model, self.pipe.collator, [items[i][0] for i in idx],
+                                            self.pipe.image_fn, batch_size=len(idx), **st))
+                for i in idx:
+                    out[i] = got[items[i][0].id]
+        return out
+
+    def stream_tokens(self, sample, settings, emit) -> None:
+        """Decode one request alone, calling ``emit(text_so_far)`` after every token."""
+        import torch
+
+        from medvl.models.vlm import greedy_decode
+        p = self.pipe
+        tok = p.tokenizer
+        eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+        ids = torch.tensor([p.collator.prompt_ids(sample)])
+        mask = torch.ones_like(ids)
+        px = torch.stack([p.image_fn(m) for m in sample.images]) if sample.images else None
+        got: list[int] = []
+
+        def on_token(t):
+            v = int(t[0])
+            if v == eos:
+                return True
+            got.append(v)
+            emit(tok.decode(got, skip_special_tokens=True))
+            return False
+        with self.lock, torch.no_grad():
+            emb = p.model.embed(ids, px)
+            greedy_decode(p.model.llm, emb, mask, settings["max_new_tokens"], eos, tok.pad_token_id,
+                          p.model.position_ids(ids, mask), do_sample=settings.get("do_sample", False),
+                          temperature=settings.get("temperature", 1.0), top_p=settings.get("top_p", 1.0),
+                          on_token=on_token)
+
+
+def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medclip-r10t-minilm",
+               cfg: ServeConfig | None = None):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg = cfg or ServeConfig()
+    server = Server(vlm, clip, cfg)
+    ChatRequest, ZeroShotRequest, EmbeddingRequest, PreviewRequest = _models()
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        server.batcher.close()
+
+    app = FastAPI(title="medvl", version=__import__("medvl").__version__, lifespan=lifespan,
+                  description="Medical vision-language models: OpenAI-compatible chat, zero-shot and embeddings.")
+    app.state.server = server
+
+    def error(status: int, message: str, code: str = "invalid_request_error", headers: dict | None = None):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status,
+                            headers=headers)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_, e: RequestError):
+        return error(e.status, e.message, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        errs = e.errors()
+        if any(x.get("type") == "json_invalid" for x in errs):
+            return error(400, "malformed JSON body")
+        first = errs[0] if errs else {}
+        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        return error(400, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        return error(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "http_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        log.exception("unexpected error")
+        return error(500, "internal error (see the server log)")
+
+    app.add_middleware(Guard, cfg=cfg, error=error)
+
+    # -- health --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not server.ready:
+            return error(503, "loading")
+        return {"status": "ready", "queue": server.batcher.q.qsize(), "batches": server.batcher.batches}
+
+    @app.get("/v1/models")
+    async def models():
+        data = []
+        if server.pipe is not None:
+            data.append({"id": server.vlm_name, "object": "model", "created": 0, "owned_by": "medvl"})
+        if server.clip is not None:
+            data.append({"id": server.clip_name, "object": "model", "created": 0, "owned_by": "medvl"})
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/server")
+    async def server_info():
+        """medvl extension: which served model is the chat model and which the CLIP (the page uses it)."""
+        return {"vlm": server.vlm_name if server.pipe is not None else None,
+                "clip": server.clip_name if server.clip is not None else None,
+                "limits": {"max_image_bytes": cfg.max_image_bytes, "max_image_pixels": cfg.max_image_pixels,
+                           "max_tokens": cfg.max_tokens_cap}}
+
+    @app.post("/v1/preview")
+    async def preview(req: PreviewRequest):
+        """medvl extension: the image as a PNG for display (DICOM windowed by a preset or the file's window)."""
+        import base64
+        import io
+
+        from medvl.data.imageio import to_pil
+        from medvl.errors import MedvlUserError
+        media, img = server.store.decode(req.image)
+        try:
+            pil = to_pil(img, req.window)
+            pil.thumbnail((512, 512))
+            buf = io.BytesIO()
+            pil.save(buf, format="PNG")
+        except MedvlUserError as e:
+            raise RequestError(400, str(e)) from None
+        finally:
+            server.store.release(media)
+        return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+                "modality": getattr(img, "modality", None)}
+
+    # -- chat ------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        sample, media, settings = server.parse_chat(req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(_stream(server, sample, media, settings, cid, created, req.model, cfg.timeout_s),
+                                     media_type="text/event-stream")
+        try:
+            fut = server.batcher.submit((sample, settings))
+        except QueueFull:
+            for m in media:
+                server.store.release(m)
+            return error(503, "server busy: the request queue is full, retry shortly", "overloaded",
+                         {"Retry-After": "1"})
+        try:
+            answer = await asyncio.wait_for(asyncio.wrap_future(fut), cfg.timeout_s)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            return error(504, f"generation took longer than {cfg.timeout_s:.0f} s", "timeout")
+        finally:
+            for m in media:
+                server.store.release(m)
+        n_prompt = len(server.pipe.collator.prompt_ids(sample))
+        n_out = len(server.pipe.tokenizer(answer)["input_ids"]) if answer else 0
+        return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+
+    # -- CLIP ------------------------------------------------------------------------------------
+    def need_clip(name: str | None):
+        if server.clip is None:
+            raise RequestError(404, "this server has no CLIP model (start it with --clip)", "model_not_found")
+        if name is not None and name != server.clip_name:
+            raise RequestError(404, f"model {name!r} is not served here; the CLIP is {server.clip_name!r}",
+                               "model_not_found")
+
+    @app.post("/v1/zero-shot")
+    async def zero_shot_ep(req: ZeroShotRequest):
+        from medvl.errors import MedvlUserError
+        from medvl.eval.zero_shot import zero_shot
+        need_clip(req.model)
+        if len(req.labels) > cfg.max_labels:
+            raise RequestError(400, f"at most {cfg.max_labels} labels")
+        media, _ = server.store.decode(req.image)
+        try:
+            def run():
+                with server.lock:
+                    return zero_shot(server.clip, [media.path], req.labels, window=req.window)
+            res = await asyncio.wait_for(asyncio.to_thread(run), cfg.timeout_s)
+        except MedvlUserError as e:
+            raise RequestError(400, str(e).replace(str(media.path), "the image")) from None
+        finally:
+            server.store.release(media)
+        probs = res["probs"][0].tolist()
+        order = sorted(range(len(probs)), key=lambda k: -probs[k])
+        return {"object": "zero_shot", "model": server.clip_name, "labels": res["labels"], "probs": probs,
+                "ranking": [{"label": res["labels"][k], "prob": probs[k]} for k in order]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        need_clip(req.model)
+        items = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not items or len(items) > cfg.max_embedding_inputs:
+            raise RequestError(400, f"input: 1 to {cfg.max_embedding_inputs} strings (text, or an image data URI)")
+        media = []
+        try:
+            vecs: list = [None] * len(items)
+            imgs = [(k, x) for k, x in enumerate(items) if isinstance(x, str) and x.startswith("data:")]
+            texts = [(k, x) for k, x in enumerate(items) if not (isinstance(x, str) and x.startswith("data:"))]
+            decoded = [(k, server.store.decode(x)[0]) for k, x in imgs]
+            media = [m for _, m in decoded]
+
+            def run():
+                import torch
+                with server.lock, torch.no_grad():
+                    if texts:
+                        e = server.clip.encode_text([x for _, x in texts]).float()
+                        for (k, _), v in zip(texts, e):
+                            vecs[k] = v.tolist()
+                    if decoded:
+                        px = torch.stack([server.clip.preprocess(m.path) for _, m in decoded])
+                        e = server.clip.encode_image(px).float()
+                        for (k, _), v in zip(decoded, e):
+                            vecs[k] = v.tolist()
+            await asyncio.wait_for(asyncio.to_thread(run), cfg.timeout_s)
+        finally:
+            for m in media:
+                server.store.release(m)
+        n_tok = sum(len(x.split()) for _, x in texts)
+        if req.encoding_format == "base64":  # what the openai client asks for: little-endian float32
+            import base64
+
+            import numpy as np
+            vecs = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vecs]
+        return {"object": "list", "model": server.clip_name,
+                "data": [{"object": "embedding", "index": k, "embedding": v} for k, v in enumerate(vecs)],
+                "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
+
+    # -- the page --------------------------------------------------------------------------------
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(str(STATIC / "index.html"))
+
+    return app
+
+
+class Guard:
+    """ASGI middleware for /v1: API key, JSON-only POST bodies, and the body-size limit counted on
+    the stream itself (a missing or lying Content-Length cannot get past it)."""
+
+    def __init__(self, app, cfg: ServeConfig, error):
+        self.app, self.cfg, self.error = app, cfg, error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        cfg = self.cfg
+        if cfg.api_key and headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+            return await self.error(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                    "invalid_api_key")(scope, receive, send)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return await self.error(415, f"send the body as application/json (got {ctype or 'no content type'})"
+                                    )(scope, receive, send)
+        too_big = self.error(413, f"request body over the limit of {cfg.max_body_bytes} bytes")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > cfg.max_body_bytes:
+                return await too_big(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls: wait for the client's disconnect
+        return await self.app(scope, replay, send)
+
+
+async def _stream(server: Server, sample, media, settings, cid: str, created: int, model: str, timeout: float):
+    """Server-sent events in OpenAI's chat.completion.chunk format; the text arrives as deltas."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    sent = ""
+
+    def emit(text: str) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, ("text", text))
+
+    def work() -> None:
+        try:
+            server.stream_tokens(sample, settings, emit)
+            loop.call_soon_threadsafe(q.put_nowait, ("done", None))
+        except Exception as e:
+            log.exception("stream failed")
+            loop.call_soon_threadsafe(q.put_nowait, ("error", str(e)))
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        threading.Thread(target=work, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            kind, text = await asyncio.wait_for(q.get(), max(0.01, deadline - time.monotonic()))
+            if kind == "text":
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield chunk({"content": text[len(sent):]})
+                    sent = text
+                continue
+            if kind == "error":
+                yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
+            break
+        yield chunk({}, "stop")
+        yield "data: [DONE]\n\n"
+    except asyncio.TimeoutError:
+        yield "data: " + json.dumps({"error": {"message": "generation timed out", "type": "timeout"}}) + "\n\n"
+    finally:
+        for m in media:
+            server.store.release(m)

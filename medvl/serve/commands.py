@@ -1,0 +1,43 @@
+"""``medvl serve``: the OpenAI-compatible API and the web page (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+
+from medvl.errors import MedvlUserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a VLM (OpenAI chat API) and a CLIP (zero-shot, embeddings) with a web page")
+    p.add_argument("--model", default="medvl-vqarad-small", help="VLM folder or shipped name ('' for none)")
+    p.add_argument("--clip", default="medclip-r10t-minilm", help="CLIP folder or shipped name ('' for none)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (or env MEDVL_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests per generation call (1 = no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request before 504")
+    p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens")
+    p.add_argument("--max-image-mb", type=float, default=16.0)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    try:
+        import uvicorn
+    except ImportError:
+        raise MedvlUserError("serving needs FastAPI and uvicorn: pip install 'medvl[serve]'") from None
+    from medvl.serve.app import ServeConfig, create_app
+    key = args.api_key or os.environ.get("MEDVL_API_KEY")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"warning: listening on {args.host} without an API key; anyone who can reach it can use the models")
+    cfg = ServeConfig(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                      timeout_s=args.timeout, max_tokens_cap=args.max_tokens, api_key=key,
+                      max_image_bytes=int(args.max_image_mb * 2**20), max_image_pixels=args.max_image_pixels)
+    app = create_app(args.model or None, args.clip or None, cfg)
+    print(f"medvl: serving on http://{args.host}:{args.port}/ (API at /v1, docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
