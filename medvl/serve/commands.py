@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens")
     p.add_argument("--max-image-mb", type=float, default=16.0)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--tower-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="run the vision tower under bf16 autocast (faster on CPUs with bf16 units)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -36,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without an API key; anyone who can reach it can use the models")
     cfg = ServeConfig(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                       timeout_s=args.timeout, max_tokens_cap=args.max_tokens, api_key=key,
-                      max_image_bytes=int(args.max_image_mb * 2**20), max_image_pixels=args.max_image_pixels)
+                      max_image_bytes=int(args.max_image_mb * 2**20), max_image_pixels=args.max_image_pixels,
+                      tower_precision=args.tower_precision)
     app = create_app(args.model or None, args.clip or None, cfg)
     print(f"medvl: serving on http://{args.host}:{args.port}/ (API at /v1, docs at /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

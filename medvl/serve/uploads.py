@@ -5,7 +5,8 @@ must be ``data:<type>;base64,<payload>`` with type image/png, image/jpeg or
 application/dicom. The payload is size-checked before and after base64 decoding, written to
 a file the server itself creates in its private temporary folder, and opened with
 :func:`medvl.data.imageio.load_medical`, whose header-based guards refuse decompression
-bombs before decoding (pixel limit from the server config). Every failure is a
+bombs before decoding (pixel limit from the server config), then deleted at once: the
+request carries the decoded image (``Media.array``), nothing stays on disk. Every failure is a
 :class:`RequestError` with an HTTP status and a message that says what to send instead.
 """
 
@@ -66,17 +67,15 @@ class UploadStore:
         try:
             img = load_medical(name, max_pixels=self.max_pixels)
         except MedvlUserError as e:
-            os.unlink(name)
             msg = str(e).replace(name, "the uploaded image")
             status = 413 if "over the limit" in msg or "decompression bomb" in msg else 400
             raise RequestError(status, f"cannot use the image: {msg}") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure is the client's corrupt file
-            os.unlink(name)
             raise RequestError(400, f"cannot decode the image ({type(e).__name__})") from None
-        return Media(name, modality=getattr(img, "modality", None)), img
+        finally:
+            os.unlink(name)
+        return Media(None, modality=getattr(img, "modality", None), array=img), img
 
     def release(self, media: Media) -> None:
-        try:
-            os.unlink(media.path)
-        except OSError:
-            pass
+        """Drop the decoded pixels (the file is already gone)."""
+        media.array = None

@@ -327,8 +327,9 @@ def _with_lora(module, lora: dict, name: str):
 
 
 def image_loader_for(model):
-    """Path -> pixel tensor with the tower's preprocessing (medical I/O underneath)."""
-    from medvl.data.imageio import load_medical
+    """Media -> pixel tensor with the tower's preprocessing (medical I/O underneath); a Media whose
+    ``array`` holds an already decoded MedicalImage (an upload to the server) is not read again."""
+    from medvl.data.imageio import MedicalImage, load_medical
     from medvl.data.transforms import preprocess_2d
 
     size = getattr(model.vision, "image_size", 0) or 224
@@ -336,7 +337,7 @@ def image_loader_for(model):
     shape = model.config.vision.get("volume_size", [32, 128, 128])
 
     def load(media) -> torch.Tensor:
-        img = load_medical(media.path)
+        img = media.array if isinstance(media.array, MedicalImage) else load_medical(media.path)
         if volume:  # [1, D, H, W]; a 2D image is a one-slice volume
             from medvl.data.transforms import preprocess_3d
             if img.kind != "volume":
