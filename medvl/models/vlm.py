@@ -175,8 +175,9 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
     Prompts are left-padded (``attention_mask`` [B, T]). Positions default to the count of
     real tokens before each one (what ``generate`` derives from the mask); given
     ``position_ids`` ([B, T]) continue from each row's last prompt position + 1. Only the
-    last position's logits are computed (``logits_to_keep=1``). Rows that produced EOS are
-    filled with ``pad_token_id``; the loop stops when every row has.
+    last position's logits are computed (``logits_to_keep=1``). A row that produced EOS leaves
+    the batch (its KV cache rows are dropped), so short answers do not pay for long ones; its
+    remaining positions are ``pad_token_id``. The loop stops when every row has finished.
     """
     from transformers import DynamicCache
 
@@ -191,33 +192,33 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
               use_cache=True, logits_to_keep=1)
     pos = position_ids.max(dim=-1).values  # [B] last prompt position
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    new: list[torch.Tensor] = []
-    logps: list[torch.Tensor] = []
+    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)  # [B, new]
+    logps = torch.zeros(B, max_new_tokens, device=dev)
+    alive = torch.arange(B, device=dev)  # rows still decoding; finished rows leave the batch and its cache
+    steps = 0
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # [B, V]
-        if do_sample:
-            nxt = _sample(logits, temperature, top_p)
-        else:
-            nxt = logits.argmax(-1)  # [B]
+        logits = out.logits[:, -1].float()  # [b, V], b = rows alive
+        nxt = _sample(logits, temperature, top_p) if do_sample else logits.argmax(-1)  # [b]
+        tokens[alive, step] = nxt
         if return_logprobs:
-            lp = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
-            logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        new.append(nxt)
-        if len(eos):
-            done = done | torch.isin(nxt, eos)
-        if on_token is not None and on_token(nxt):
+            logps[alive, step] = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+        steps = step + 1
+        if on_token is not None and on_token(tokens[:, step]):
             break
-        if bool(done.all()) or step == max_new_tokens - 1:
+        fin = torch.isin(nxt, eos) if len(eos) else torch.zeros_like(nxt, dtype=torch.bool)
+        if bool(fin.all()) or step == max_new_tokens - 1:
             break
+        if bool(fin.any()):  # drop finished rows: later steps cost only what is still being written
+            keep = (~fin).nonzero()[:, 0]
+            out.past_key_values.batch_select_indices(keep)
+            alive, nxt, pos, mask = alive[keep], nxt[keep], pos[keep], mask[keep]
         pos = pos + 1
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], dim=1)
         out = llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=out.past_key_values,
                   use_cache=True, logits_to_keep=1)
-    tokens = torch.stack(new, dim=1) if new else torch.zeros(B, 0, dtype=torch.long, device=dev)
+    tokens = tokens[:, :steps]
     if return_logprobs:
-        return tokens, (torch.stack(logps, dim=1) if logps else torch.zeros(B, 0, device=dev))
+        return tokens, logps[:, :steps]
     return tokens
 
 
