@@ -121,6 +121,21 @@ def test_hostile_requests_get_4xx_with_a_message(client, img):
     err(client.post("/v1/chat/completions", json=chat_body(bomb)), 413)
 
 
+def test_conversation_history_is_kept_and_images_only_in_the_last_turn(client, img):
+    msgs = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Is this a CT scan?"}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": [{"type": "text", "text": "Which organ?"},
+                                         {"type": "image_url", "image_url": {"url": img}}]}]
+    r = client.post("/v1/chat/completions", json={"model": VLM, "messages": msgs, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > client.post("/v1/chat/completions", json=chat_body(
+        img, "Which organ?", max_tokens=4)).json()["usage"]["prompt_tokens"]
+    early = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}},
+                                          {"type": "text", "text": "a"}]}, {"role": "user", "content": "b"}]
+    bad = client.post("/v1/chat/completions", json={"model": VLM, "messages": early})
+    assert bad.status_code == 400 and "last user message" in bad.json()["error"]["message"]
+
+
 def test_max_tokens_is_capped(img):
     cfg = ServeConfig(max_tokens_cap=2)
     with TestClient(create_app(VLM, None, cfg)) as c:

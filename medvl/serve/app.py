@@ -169,7 +169,18 @@ class Server:
         settings = {"max_new_tokens": min(want, self.cfg.max_tokens_cap)}
         if req.temperature:  # temperature 0 / None = greedy
             settings.update(do_sample=True, temperature=req.temperature, top_p=req.top_p or 1.0)
-        sample = Sample(f"req-{uuid.uuid4().hex[:12]}", media, [Turn("user", ("<image>\n" if media else "") + question)])
+        # earlier turns keep their text (the conversation so far); the image belongs to the last user turn
+        history = []
+        last_i = max(i for i, m in enumerate(req.messages) if m.role == "user")
+        for m in req.messages[:last_i]:
+            if isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
+                for x in media:
+                    self.store.release(x)
+                raise RequestError(400, "images are accepted in the last user message only")
+            text = m.content if isinstance(m.content, str) else " ".join(p.text or "" for p in (m.content or []))
+            history.append(Turn("system" if m.role == "developer" else m.role, text))
+        conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
+        sample = Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv)
         return sample, media, settings
 
     def _run_batch(self, items) -> list[str]:
