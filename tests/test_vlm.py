@@ -323,25 +323,32 @@ def test_answer_loss_equals_the_models_loss(tok):
     assert torch.allclose(answer_loss(m.llm, emb, labels, attention_mask=mask), ref, atol=1e-6)
 
 
-def test_vlm_recipe_ddp_two_processes(tmp_path):
-    """The vlm recipe under torchrun with 2 CPU processes (gloo, DDP around the step module)."""
+def test_vlm_recipe_two_processes_ddp_and_fsdp_agree(tmp_path):
+    """The vlm recipe under torchrun with 2 CPU processes (gloo): DDP around the step module, and FSDP2
+    sharding it (ZeRO-3, decoder layers as units) then gathering the full weights for export. Same seed,
+    same shards: the two exported models agree."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "vlm-sft-vqarad.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544", "-m", "medvl.cli",
-           "train", recipe, f"output_dir={tmp_path / 'ddp'}", "epochs=1", "batch_size=4", "precision=fp32", "vocab_size=300",
-           "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
-           "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
-           "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
-           "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # a small data file keeps it quick
+
     from medvl.data.bundled import load_bundled
     from medvl.data.schema import write_jsonl
-    write_jsonl(load_bundled("vqa-rad", "train")[:16], tmp_path / "d.jsonl")
-    cmd.insert(cmd.index("train") + 2, f"data.path={tmp_path / 'd.jsonl'}")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "ddp" / "model" / "model.safetensors").exists()
+    from medvl.models.vlm import load_vlm
+    write_jsonl(load_bundled("vqa-rad", "train")[:16], tmp_path / "d.jsonl")  # a small data file keeps it quick
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "vlm-sft-vqarad.yaml")
+    out = {}
+    for k, mode in enumerate(("ddp", "fsdp")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29544 + k}",
+               "-m", "medvl.cli", "train", recipe, f"data.path={tmp_path / 'd.jsonl'}", f"output_dir={tmp_path / mode}",
+               f"distributed={mode}", "epochs=1", "batch_size=4", "precision=fp32", "vocab_size=300",
+               "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
+               "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
+               "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+               "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[mode] = load_vlm(tmp_path / mode / "model").state_dict()  # strict: the gathered weights are complete
+    assert out["ddp"].keys() == out["fsdp"].keys()
+    for key in out["ddp"]:
+        assert torch.allclose(out["ddp"][key], out["fsdp"][key], atol=1e-5), key

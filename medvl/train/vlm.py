@@ -87,6 +87,10 @@ class VLMTrainConfig:
     task: vqa|grounding, f1_threshold: 0.5, semantic_threshold: 0.0}; empty = off"""
     init_from: str = ""
     """start from this VLM folder's weights and tokenizer (a previous stage or round) instead of a new model"""
+    distributed: str = "ddp"
+    """under torchrun: ddp (replicated model) or fsdp (parameters, gradients and optimizer state sharded
+    across ranks: fsdp_sharding full = ZeRO-3, grad_op = ZeRO-2; decoder layers are the shard units)"""
+    fsdp_sharding: str = "full"
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
@@ -153,6 +157,37 @@ def make_teacher(cfg: VLMTrainConfig):
                     precision=cfg.precision)
     t.tokenizer = tok
     return t, kd
+
+
+def _fsdp_wrap(step_module, model, cfg: VLMTrainConfig, policy: dict):
+    """FSDP2 (``fully_shard``) over the step module, each decoder layer its own shard unit: full =
+    parameters resharded after forward (ZeRO-3), grad_op = kept gathered until backward (ZeRO-2).
+    Works on CPU (gloo) as on GPUs."""
+    from torch.distributed.fsdp import fully_shard
+    if cfg.fsdp_sharding not in ("full", "grad_op"):
+        raise MedvlUserError(f"fsdp_sharding must be full or grad_op, got {cfg.fsdp_sharding!r}")
+    if "lora" in policy.values():
+        raise MedvlUserError("LoRA with fsdp is not supported yet; use distributed: ddp")
+    if cfg.stop_after_epochs:
+        raise MedvlUserError("stop_after_epochs needs epoch checkpoints, which fsdp runs do not write yet")
+    reshard = cfg.fsdp_sharding == "full"
+    for layer in getattr(getattr(model.llm, "model", None), "layers", None) or []:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(step_module, reshard_after_forward=reshard)
+    return step_module
+
+
+def _fsdp_gather(step_module, model, rank: int):
+    """The full state dict (a collective: every rank calls it) loaded into a fresh plain model on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from medvl.models.vlm import MedVLM
+    full = get_model_state_dict(step_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return model
+    plain = MedVLM(model.config)
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}, strict=True)
+    return plain
 
 
 def step_module_parts(step_module) -> dict:
@@ -414,12 +449,15 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     if world > 1:  # equal shards so every rank takes the same number of steps
         n = len(encoded) - len(encoded) % world
         encoded = encoded[:n][rank::world]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step_module = _Step(model, cfg.packing, kd)
-    if world > 1:
+    fsdp = world > 1 and cfg.distributed == "fsdp"
+    if fsdp:
+        step_module = _fsdp_wrap(step_module, model, cfg, policy)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
         step_module = DistributedDataParallel(step_module)
+    params = [p for p in step_module.parameters() if p.requires_grad]  # after wrapping: FSDP owns the shards
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     if cfg.packing:
         n_bins = len(pack(encoded, cfg.pack_length, list(range(len(encoded)))))
@@ -434,6 +472,9 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     gen = torch.Generator().manual_seed(cfg.seed)
     from dataclasses import asdict
     run_key = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "log_every", "stop_after_epochs")}
+    if ckpt.exists() and fsdp:
+        raise MedvlUserError("resuming an fsdp run is not supported yet (epoch checkpoints are written for ddp "
+                             "and single-process runs); use another output_dir", path=ckpt)
     if ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         if st.get("run") != run_key:
@@ -492,7 +533,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                 loss = step_module(enc, vt, bool(cache), trows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # with fsdp: over all shards (DTensor gradients)
             opt.step()
             step += 1
             seen += len(batch)
@@ -506,18 +547,19 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
                        "mfu": 6 * n_llm * tokens / el / peak, **step_module_parts(step_module)}
                 log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rec['samples_per_s']:.1f}")
-        if rank != 0:
-            continue
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "gen": gen.get_state(),
-                    "step": step, "epoch": epoch + 1, "run": run_key}, ckpt.with_suffix(".tmp"))
-        ckpt.with_suffix(".tmp").replace(ckpt)  # atomic; resume restarts at the next epoch
+        if rank == 0 and not fsdp:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "gen": gen.get_state(),
+                        "step": step, "epoch": epoch + 1, "run": run_key}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)  # atomic; resume restarts at the next epoch
         if cfg.stop_after_epochs and epoch + 1 - start_epoch >= cfg.stop_after_epochs:
-            break
+            break  # every rank stops at the same epoch
     bar.close()
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
+    if fsdp:  # gather the full weights on rank 0 into a plain model for export
+        model = _fsdp_gather(step_module, model, rank)
     model.eval()
     for name in ("vision", "connector", "llm"):
         if policy[name] == "lora":  # export merged weights: a plain model, no peft needed to load it
