@@ -42,18 +42,14 @@ def test_live_teacher_distillation_logs_kd_and_never_touches_the_teacher(teacher
 
 
 def test_cached_topk_teacher_equals_live_topk_and_trains(teacher_dir, tmp_path):
-    from medvl.distill.teacher import (
-        CachedTeacher,
-        LiveTeacher,
-        cache_teacher,
-        load_teacher_tokenizer,
-    )
+    from medvl.distill.teacher import CachedTeacher, LiveTeacher, cache_teacher
+    from medvl.generate.pipeline import load_model_tokenizer
     from medvl.train.vlm import train_vlm
     data = load_bundled("vqa-rad", "train")[:16]
     info = cache_teacher(teacher_dir, data, tmp_path / "cache", topk=8, max_length=128, batch_size=5, progress=False)
     assert info["samples"] == 16 and 0 <= info["mean_missing_mass"] < 1
     cached = CachedTeacher(tmp_path / "cache")
-    live = LiveTeacher(teacher_dir, load_teacher_tokenizer(teacher_dir), 128, topk=8)
+    live = LiveTeacher(teacher_dir, load_model_tokenizer(teacher_dir), 128, topk=8)
     live.prepare(data)
     ids = [data[3].id, data[0].id, data[9].id]
     a, b = cached.rows(ids), live.rows(ids)
@@ -107,7 +103,7 @@ def test_cli_pseudo_label_and_cache_teacher(teacher_dir, tmp_path, capsys):
 def test_correction_samples_learn_only_the_correct_answer(teacher_dir):
     from medvl.data.collate import VLMCollator
     from medvl.distill.reflect import REFLECT_PROMPT, correction_samples, is_mistake
-    from medvl.distill.teacher import load_teacher_tokenizer
+    from medvl.generate.pipeline import load_model_tokenizer
     assert is_mistake("no", "yes", "CLOSED") and not is_mistake("yes, it is", "yes", "CLOSED")
     assert is_mistake("left lung", "right kidney", "OPEN") and not is_mistake("the right kidney", "right kidney")
     assert is_mistake("<|box_start|>(0,0),(10,10)<|box_end|>", "[50, 50, 90, 90]", task="grounding")
@@ -119,7 +115,7 @@ def test_correction_samples_learn_only_the_correct_answer(teacher_dir):
     f = fixes[0]
     assert [t.role for t in f.conversation] == ["user", "assistant", "user", "assistant"]
     assert f.conversation[1].text == "maybe" and f.conversation[2].text == REFLECT_PROMPT
-    tok = load_teacher_tokenizer(teacher_dir)
+    tok = load_model_tokenizer(teacher_dir)
     col = VLMCollator(tok, tokens_per_image=4, max_length=256)
     e = col.encode(f)
     learned = tok.decode([t for t in e.labels if t != -100])

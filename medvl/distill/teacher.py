@@ -28,16 +28,6 @@ from medvl.errors import MedvlUserError
 from medvl.losses.logit_kd import TopK, topk_missing_mass, topk_of
 
 
-def load_teacher_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-    path = Path(path)
-    tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    try:
-        return AutoTokenizer.from_pretrained(str(tok_dir))
-    except OSError as e:
-        raise MedvlUserError(f"no tokenizer with the teacher ({e})", path=path) from None
-
-
 class LiveTeacher:
     def __init__(self, path: str | Path, tokenizer, max_length: int, device: str = "cpu", topk: int = 0,
                  precision: str = "bf16"):
@@ -46,6 +36,7 @@ class LiveTeacher:
         from medvl.models.vlm import load_vlm
 
         self.model = load_vlm(resolve_model_path(path)).to(device).eval()
+        self.tokenizer = tokenizer
         for p in self.model.parameters():
             p.requires_grad = False
         self.device = device
@@ -109,7 +100,8 @@ class CachedTeacher:
         self.values, self.indices, offsets = t["values"], t["indices"], t["offsets"].tolist()
         self.index = json.loads((folder / "index.json").read_text())
         self.span = {sid: (offsets[k], offsets[k + 1]) for k, sid in enumerate(self.index["ids"])}
-        self.tokenizer = load_teacher_tokenizer(folder)
+        from medvl.generate.pipeline import load_model_tokenizer
+        self.tokenizer = load_model_tokenizer(folder)
 
     def prepare(self, samples: Sequence) -> set[str]:
         return {s.id for s in samples if s.id not in self.span}
@@ -125,9 +117,9 @@ def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from medvl.generate.pipeline import resolve_model_path
+    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
     path = resolve_model_path(teacher)
-    tok = load_teacher_tokenizer(path)
+    tok = load_model_tokenizer(path)
     live = LiveTeacher(path, tok, max_length, topk=topk)
     lost = live.prepare(samples)
     ids = [s.id for s in samples if s.id not in lost]

@@ -24,25 +24,27 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
+def load_model_tokenizer(path: str | Path):
+    """The tokenizer saved with a VLM folder (its ``tokenizer/`` subfolder, or the folder itself)."""
+    from transformers import AutoTokenizer
+    path = Path(path)
+    tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except OSError as e:
+        raise MedvlUserError(f"no tokenizer saved with the model ({e})", path=path) from None
+
+
 class VLMPipeline:
     def __init__(self, path: str | Path, max_length: int = 512):
         self.path = path
-        from transformers import AutoTokenizer
-
         from medvl.data.collate import VLMCollator
         from medvl.models.vlm import load_vlm
         from medvl.train.vlm import image_loader_for
 
         path = resolve_model_path(path)
-        if not path.is_dir():
-            raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)",
-                                 path=path)
         self.model = load_vlm(path)
-        tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        except OSError as e:
-            raise MedvlUserError(f"no tokenizer saved with the model ({e})", path=path) from None
+        self.tokenizer = load_model_tokenizer(path)
         self.collator = VLMCollator(self.tokenizer, tokens_per_image=self.model.tokens_per_image,
                                     max_length=max_length)
         self.image_fn = image_loader_for(self.model)

@@ -109,7 +109,6 @@ class Server:
 
     def __init__(self, vlm: str | None, clip: str | None, cfg: ServeConfig, *, vlm_name: str | None = None,
                  clip_name: str | None = None):
-        import torch
         self.cfg = cfg
         self.store = UploadStore(cfg.max_image_bytes, cfg.max_image_pixels)
         self.lock = threading.Lock()  # one model call at a time (batcher and streams share the model)
@@ -126,7 +125,6 @@ class Server:
             raise ValueError("serve needs a VLM (--model) or a CLIP (--clip)")
         self.batcher = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue)
         self.ready = True
-        self.torch = torch
 
     # -- chat ------------------------------------------------------------------------------
     def parse_chat(self, req) -> tuple[Any, list, dict]:
@@ -139,49 +137,34 @@ class Server:
                                     f"{self.vlm_name!r}", "model_not_found")
         if req.n != 1:
             raise RequestError(400, "n must be 1")
-        users = [m for m in req.messages if m.role == "user"]
+        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
         if not users:
             raise RequestError(400, "messages need a user message")
-        last = users[-1]
+        last = req.messages[users[-1]]
         parts = [SimpleNamespace(type="text", text=last.content)] if isinstance(last.content, str) \
             else (last.content or [])
-        texts, media = [], []
-        try:
-            for p in parts:
-                if p.type == "text":
-                    texts.append(p.text or "")
-                elif p.type == "image_url":
-                    if p.image_url is None:
-                        raise RequestError(400, "image_url part without an image_url object")
-                    media.append(self.store.decode(p.image_url.url)[0])
-            if len(media) > 1:
-                raise RequestError(400, "one image per request (this model takes a single image)")
-        except RequestError:
-            for m in media:
-                self.store.release(m)
-            raise
-        question = " ".join(t for t in texts if t).strip()
+        images = [p for p in parts if p.type == "image_url"]
+        if any(p.image_url is None for p in images):
+            raise RequestError(400, "image_url part without an image_url object")
+        if len(images) > 1:
+            raise RequestError(400, "one image per request (this model takes a single image)")
+        question = " ".join(p.text for p in parts if p.type == "text" and p.text).strip()
         if not question:
-            for m in media:
-                self.store.release(m)
             raise RequestError(400, "the user message has no text question")
+        # earlier turns keep their text (the conversation so far); the image belongs to the last user turn
+        history = []
+        for m in req.messages[:users[-1]]:
+            if isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
+                raise RequestError(400, "images are accepted in the last user message only")
+            text = m.content if isinstance(m.content, str) else " ".join(p.text or "" for p in (m.content or []))
+            history.append(Turn("system" if m.role == "developer" else m.role, text))
         want = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
         settings = {"max_new_tokens": min(want, self.cfg.max_tokens_cap)}
         if req.temperature:  # temperature 0 / None = greedy
             settings.update(do_sample=True, temperature=req.temperature, top_p=req.top_p or 1.0)
-        # earlier turns keep their text (the conversation so far); the image belongs to the last user turn
-        history = []
-        last_i = max(i for i, m in enumerate(req.messages) if m.role == "user")
-        for m in req.messages[:last_i]:
-            if isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
-                for x in media:
-                    self.store.release(x)
-                raise RequestError(400, "images are accepted in the last user message only")
-            text = m.content if isinstance(m.content, str) else " ".join(p.text or "" for p in (m.content or []))
-            history.append(Turn("system" if m.role == "developer" else m.role, text))
+        media = [self.store.decode(p.image_url.url)[0] for p in images]  # last: every other check passed
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
-        sample = Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv)
-        return sample, media, settings
+        return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
 
     def _run_batch(self, items) -> list[str]:
         """items: (sample, settings) -> answers; one generate call per distinct setting."""

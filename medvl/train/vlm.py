@@ -136,7 +136,7 @@ DISTILL_KEYS = {"teacher", "teacher_cache", "alpha", "kind", "temperature", "t2_
 
 def make_teacher(cfg: VLMTrainConfig):
     """The live or cached teacher and the KD loss the ``distill`` section asks for."""
-    from medvl.distill.teacher import CachedTeacher, LiveTeacher, load_teacher_tokenizer
+    from medvl.distill.teacher import CachedTeacher, LiveTeacher
     from medvl.losses.logit_kd import LogitKDLoss
 
     d = dict(cfg.distill)
@@ -150,13 +150,10 @@ def make_teacher(cfg: VLMTrainConfig):
                      beta=float(d.get("beta", 0.5)), vocab=d.get("vocab", "error"))
     if d.get("teacher_cache"):
         return CachedTeacher(d["teacher_cache"]), kd
-    from medvl.generate.pipeline import resolve_model_path
+    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
     path = resolve_model_path(d["teacher"])
-    tok = load_teacher_tokenizer(path)
-    t = LiveTeacher(path, tok, cfg.max_length, device=d.get("device", "cpu"), topk=int(d.get("topk", 0)),
-                    precision=cfg.precision)
-    t.tokenizer = tok
-    return t, kd
+    return LiveTeacher(path, load_model_tokenizer(path), cfg.max_length, device=d.get("device", "cpu"),
+                       topk=int(d.get("topk", 0)), precision=cfg.precision), kd
 
 
 def _fsdp_wrap(step_module, model, cfg: VLMTrainConfig, policy: dict):
@@ -197,14 +194,13 @@ def step_module_parts(step_module) -> dict:
 
 def load_init(cfg: VLMTrainConfig):
     """Weights, tokenizer and model config from a previous VLM folder (strict load)."""
-    from medvl.distill.teacher import load_teacher_tokenizer
-    from medvl.generate.pipeline import resolve_model_path
+    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
     from medvl.models.vlm import load_vlm
     path = resolve_model_path(cfg.init_from)
     model = load_vlm(path).train()
     if cfg.position_gap != getattr(model.config, "position_gap", 0):
         model.config.position_gap = cfg.position_gap
-    return model, load_teacher_tokenizer(path)
+    return model, load_model_tokenizer(path)
 
 
 def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str], tokenizer=None):
@@ -407,7 +403,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True) -> d
     if cfg.init_from:
         model, tok = load_init(cfg)
     else:  # the BPE training is deterministic, so a resume rebuilds the same vocabulary
-        model, tok = build_model_and_tokenizer(cfg, texts, getattr(teacher, "tokenizer", None))
+        model, tok = build_model_and_tokenizer(cfg, texts, teacher.tokenizer if teacher else None)
     for name in ("vision", "connector", "llm"):
         if policy[name] not in ("frozen", "full", "lora"):
             raise MedvlUserError(f"freeze.{name} must be frozen, full or lora, got {policy[name]!r}")
