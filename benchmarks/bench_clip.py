@@ -44,7 +44,8 @@ def main() -> int:
     from medvl.eval.zero_shot import embed_images
     from medvl.losses.contrastive import ClipLoss
     from medvl.models.clip import MedCLIP
-    from medvl.train.clip import AugmentConfig, Pair, augment_batch, decode_images
+    from medvl.data.pairs import Pair, decode_images
+    from medvl.data.transforms import augment_batch
 
     seen, pairs = set(), []
     for s in load_bundled("vqa-rad", "train"):
@@ -72,7 +73,7 @@ def main() -> int:
 
     def medvl_step(k: int, use_cache: bool) -> None:
         idx = [(k * B + j) % len(keep) for j in range(B)]
-        x = (augment_batch(cached[idx], size, AugmentConfig(), gen) - mean) / std
+        x = (augment_batch(cached[idx], size, gen) - mean) / std
         with autocast:
             img = torch.nn.functional.normalize(model.model.encode_image(x), dim=-1)
             ts = [pairs[keep[i]].texts[0] for i in idx]

@@ -141,7 +141,7 @@ def main() -> int:
 
 def time_generation(model, collator, tok, test, gen_batch: int) -> dict:
     from medvl.generate.batched import generate_answers
-    from medvl.train.vlm import image_loader_for
+    from medvl.models.vlm import image_loader_for
     load = image_loader_for(model)
     t0 = time.perf_counter()
     batched = dict(generate_answers(model, collator, test, load, batch_size=gen_batch, max_new_tokens=8))

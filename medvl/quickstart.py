@@ -19,7 +19,9 @@ from medvl.data.bundled import load_bundled
 def run_quickstart(out: Path, epochs: int = 15, progress: bool = True) -> int:
     from medvl.eval.suites import evaluate_vqa
     from medvl.generate.batched import generate_answers
-    from medvl.train.vlm import VLMTrainConfig, image_loader_for, strip_images, train_vlm
+    from medvl.data.loading import strip_images
+    from medvl.models.vlm import image_loader_for
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
 
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 from medvl.data.bundled import load_bundled
 from medvl.eval.suites import evaluate_vqa
 from medvl.generate.batched import generate_answers
-from medvl.train.vlm import VLMTrainConfig, image_loader_for, train_vlm
+from medvl.models.vlm import image_loader_for
+from medvl.train.vlm import VLMTrainConfig, train_vlm
 
 REPO = Path(__file__).resolve().parent.parent
 

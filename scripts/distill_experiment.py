@@ -33,7 +33,7 @@ def score(model, collator, test, sasg: bool) -> dict:
     from medvl.eval.suites import evaluate_vqa
     from medvl.generate.batched import generate_answers
     from medvl.generate.sasg import sasg_answers
-    from medvl.train.vlm import image_loader_for
+    from medvl.models.vlm import image_loader_for
     load = image_loader_for(model)
     if sasg:
         preds = dict(sasg_answers(model, collator, test, load, n=5, temperature=0.7, top_p=0.9, batch_size=64,
@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from medvl.data.bundled import load_bundled
-    from medvl.distill.reflect import run_reflective
+    from medvl.train.reflect import run_reflective
     from medvl.generate.pipeline import load
     from medvl.train.vlm import VLMTrainConfig, train_vlm
 

@@ -123,7 +123,7 @@ def test_correction_samples_learn_only_the_correct_answer(teacher_dir):
 
 
 def test_reflective_rounds_run_and_log(tmp_path):
-    from medvl.distill.reflect import run_reflective
+    from medvl.train.reflect import run_reflective
     cfg = _tiny_cfg(tmp_path, reflect={"rounds": 1, "epochs": 1}, output_dir=str(tmp_path / "r"))
     res = run_reflective(cfg, load_bundled("vqa-rad", "train")[:16], progress=False)
     log = [json.loads(x) for x in (tmp_path / "r" / "reflection.jsonl").read_text().splitlines()]
@@ -149,7 +149,8 @@ def test_every_vlm_recipe_parses_with_known_distill_and_reflect_keys():
     import yaml
 
     from medvl.train.config import load_recipe
-    from medvl.train.vlm import DISTILL_KEYS, VLMTrainConfig
+    from medvl.distill.teacher import DISTILL_KEYS
+    from medvl.train.vlm import VLMTrainConfig
     n = 0
     for path in sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")):
         if yaml.safe_load(path.read_text()).get("recipe") not in ("vlm", "vlm-distill"):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from medvl.data.bundled import load_bundled
-from medvl.models.native import NativeVLM, train_native
+from medvl.models.native import NativeVLM
+from medvl.train.vlm import train_native
 from medvl.models.tokenizers import build_bpe_tokenizer
 
 pytest.importorskip("torchvision")

@@ -147,7 +147,8 @@ def _tiny_cfg(tmp_path, **kw):
 def test_vlm_recipe_trains_generates_and_predict_resumes(tmp_path):
     from medvl.data.bundled import load_bundled
     from medvl.generate.batched import generate_answers, predict_to_file
-    from medvl.train.vlm import image_loader_for, train_vlm
+    from medvl.models.vlm import image_loader_for
+    from medvl.train.vlm import train_vlm
     train = load_bundled("vqa-rad", "train")[:40]
     res = train_vlm(_tiny_cfg(tmp_path), train, progress=False)
     assert res["steps"] == 5 and (tmp_path / "vlm" / "model" / "model.safetensors").exists()
@@ -246,7 +247,7 @@ def test_packing_gives_the_padded_loss(tok):
     """Packed rows with restarting position ids attend within each sample only: same loss as padding."""
     from medvl.data.bundled import load_bundled
     from medvl.data.collate import VLMCollator
-    from medvl.train.vlm import pack, packed_batch
+    from medvl.data.collate import pack, packed_batch
     m = make(tok)
     coll = VLMCollator(tok, tokens_per_image=m.tokens_per_image, max_length=128)
     enc = [coll.encode(s) for s in load_bundled("vqa-rad", "train")[:6]]
@@ -313,7 +314,7 @@ def test_chat_decoding_options(tmp_path, capsys):
 
 
 def test_answer_loss_equals_the_models_loss(tok):
-    from medvl.train.vlm import answer_loss
+    from medvl.models.answer import answer_loss
     m = make(tok)
     ids = torch.tensor([[1, 2, 3, 20, 21, 22, 23], [1, 2, 20, 30, 31, 0, 0]])
     labels = torch.tensor([[-100, -100, -100, 20, 21, 22, 23], [-100, -100, -100, 30, 31, -100, -100]])

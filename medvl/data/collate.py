@@ -149,3 +149,42 @@ class VLMCollator:
         if imgs and isinstance(imgs[0], torch.Tensor):
             out["pixel_values"] = torch.stack(imgs)
         return out
+
+
+# -- packing: several samples per row, no attention across them --------------------------------
+
+def pack(encoded: list, pack_length: int, order: list[int]) -> list[list[int]]:
+    """First-fit-decreasing bins of sample indices whose lengths sum to <= pack_length."""
+    items = sorted(order, key=lambda i: -len(encoded[i].input_ids))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in items:
+        n = len(encoded[i].input_ids)
+        for k, r in enumerate(room):
+            if n <= r:
+                bins[k].append(i)
+                room[k] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(pack_length - n)
+    return bins
+
+
+def packed_batch(rows: list[list], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of Encoded samples -> input_ids / labels / position_ids (restarting per sample), right-padded
+    to the longest row; padding gets label -100 and its own position run."""
+    L = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, row in enumerate(rows):
+        k = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, k:k + n] = torch.tensor(e.input_ids)
+            labels[r, k:k + n] = torch.tensor(e.labels)
+            pos[r, k:k + n] = torch.arange(n)
+            k += n
+        pos[r, k:] = torch.arange(L - k)  # padding: a separate "sequence"
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}

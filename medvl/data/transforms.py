@@ -147,3 +147,35 @@ def preprocess_3d(vol, shape: Sequence[int] = (32, 256, 256), *,
     elif normalise != "none":
         raise MedvlUserError(f"unknown normalise {normalise!r} (minmax, zscore or none)")
     return t.numpy()
+
+
+def augment_batch(x, out_size: int, gen, *, crop_scale=(0.75, 1.0), rotate_degrees: float = 10.0,
+                  hflip: float = 0.0):
+    """Training augmentation for grey-scale medical images, batched on the tensor: random resized
+    crop (mild scale range), small rotations, optional horizontal flip (off by default: captions
+    name sides), no colour jitter. [B, 3, S, S] uint8 -> [B, 3, out, out] float in [0, 1]."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    B, _, S, _ = x.shape
+    xf = x.float() / 255.0
+    lo, hi = crop_scale
+    scale = lo + (hi - lo) * torch.rand(B, generator=gen)
+    side = scale.sqrt()  # fraction of the side kept
+    cx = (torch.rand(B, generator=gen) * 2 - 1) * (1 - side)
+    cy = (torch.rand(B, generator=gen) * 2 - 1) * (1 - side)
+    ang = (torch.rand(B, generator=gen) * 2 - 1) * math.radians(rotate_degrees)
+    flip = torch.where(torch.rand(B, generator=gen) < hflip, -1.0, 1.0)
+    cos, sin = torch.cos(ang) * side, torch.sin(ang) * side
+    theta = torch.stack([torch.stack([cos * flip, -sin, cx], 1), torch.stack([sin * flip, cos, cy], 1)], 1)  # [B, 2, 3]
+    grid = F.affine_grid(theta, (B, 3, out_size, out_size), align_corners=False)
+    return F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def resize_batch(x, out_size: int):
+    """[B, 3, S, S] uint8 -> [B, 3, out, out] float in [0, 1] (antialiased bilinear; evaluation)."""
+    import torch.nn.functional as F
+    return F.interpolate(x.float() / 255.0, size=(out_size, out_size), mode="bilinear", antialias=True,
+                         align_corners=False)

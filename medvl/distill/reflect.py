@@ -14,15 +14,14 @@ sample*:
 
 (``meta.loss_on = "last"`` tells the collator to learn the final turn only: training on the
 wrong answer would teach it.) The next round continues from the previous weights on the
-original data plus the corrections; rounds and every round's counts are logged.
+original data plus the corrections; rounds and every round's counts are logged — the rounds
+themselves are driven by :func:`medvl.train.reflect.run_reflective`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 from medvl.data.schema import Sample, Turn
 
@@ -69,45 +68,3 @@ def correction_samples(samples: Sequence[Sample], preds: dict[str, str], round_:
         out.append(replace(s, id=f"{s.id}#reflect{round_}", conversation=conv,
                            meta={**s.meta, "loss_on": "last", "reflect_round": round_, "wrong_answer": pred}))
     return out, counts
-
-
-def run_reflective(cfg, train: Sequence[Sample], progress: bool = True) -> dict:
-    """Round 0 trains as configured; each of ``cfg.reflect['rounds']`` later rounds answers the
-    training set, builds corrections, and continues training on original + corrections."""
-    from medvl.generate.batched import generate_answers
-    from medvl.train.vlm import image_loader_for, strip_images, train_vlm
-
-    r = {"rounds": 1, "epochs": max(1, cfg.epochs // 3), "task": "vqa", "f1_threshold": 0.5,
-         "semantic_threshold": 0.0}
-    unknown = sorted(set(cfg.reflect) - set(r))
-    if unknown:
-        from medvl.errors import MedvlUserError
-        raise MedvlUserError(f"reflect: unknown key(s) {', '.join(unknown)}; known: {', '.join(r)}")
-    if cfg.reflect.get("task", "vqa") not in ("vqa", "grounding"):
-        from medvl.errors import MedvlUserError
-        raise MedvlUserError(f"reflect.task must be vqa or grounding, got {cfg.reflect['task']!r}")
-    r.update(cfg.reflect)
-    base = Path(cfg.output_dir)
-    res = train_vlm(replace(cfg, reflect={}, output_dir=str(base / "round0")), train, progress=progress)
-    log = []
-    data = strip_images(train) if cfg.question_only else list(train)
-    for k in range(1, int(r["rounds"]) + 1):
-        model, collator = res["model"], res["collator"]
-        preds = dict(generate_answers(model, collator, data, image_loader_for(model), batch_size=64,
-                                      max_new_tokens=32, progress=progress))
-        fixes, counts = correction_samples(data, preds, k, r["task"], float(r["f1_threshold"]),
-                                           float(r["semantic_threshold"]))
-        rec = {"round": k, **counts, "train_accuracy": 1 - counts["wrong_by_metric"] / max(1, counts["answered"]),
-               "corrections": len(fixes)}
-        log.append(rec)
-        if progress:
-            print(f"reflect round {k}: {counts['wrong_by_metric']} of {counts['answered']} training answers wrong "
-                  f"by the metric, {counts['wrong_by_meaning']} by meaning -> {len(fixes)} correction samples")
-        prev = base / f"round{k - 1}" / "model"
-        res = train_vlm(replace(cfg, reflect={}, init_from=str(prev), epochs=int(r["epochs"]),
-                                warmup_steps=min(cfg.warmup_steps, 10), output_dir=str(base / f"round{k}")),
-                        list(train) + fixes, progress=progress)
-    (base / "reflection.jsonl").parent.mkdir(parents=True, exist_ok=True)
-    (base / "reflection.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
-    res["reflection"] = log
-    return res

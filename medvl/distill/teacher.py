@@ -51,7 +51,7 @@ class LiveTeacher:
         """Encode the samples with the teacher's image-token count and cache its vision tokens;
         returns the ids the teacher could not encode (too long for it)."""
         from medvl.data.schema import Media
-        from medvl.train.vlm import image_loader_for
+        from medvl.models.vlm import image_loader_for
         load = image_loader_for(self.model)
         lost = set()
         for s in samples:
@@ -69,7 +69,7 @@ class LiveTeacher:
     @torch.no_grad()
     def rows(self, ids: Sequence[str]) -> torch.Tensor | TopK:
         """Teacher logits at the answer positions of these samples, in order: [N, V] (or TopK)."""
-        from medvl.train.vlm import answer_logits
+        from medvl.models.answer import answer_logits
         m = self.model
         batch = [self.encoded[i] for i in ids]
         enc = {k: v.to(self.device) for k, v in self.collator(batch).items()}
@@ -143,3 +143,28 @@ def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk:
     (out / "index.json").write_text(json.dumps(info))
     tok.save_pretrained(str(out / "tokenizer"))
     return {k: v for k, v in info.items() if k != "ids"} | {"samples": len(ids)}
+
+
+DISTILL_KEYS = {"teacher", "teacher_cache", "alpha", "kind", "temperature", "t2_scale", "beta", "vocab", "topk",
+                "device"}
+
+
+def make_teacher(distill: dict, max_length: int, precision: str = "bf16"):
+    """The live or cached teacher and the KD loss a recipe's ``distill`` section asks for."""
+    from medvl.losses.logit_kd import LogitKDLoss
+
+    d = dict(distill)
+    unknown = sorted(set(d) - DISTILL_KEYS)
+    if unknown:
+        raise MedvlUserError(f"distill: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(DISTILL_KEYS))}")
+    if bool(d.get("teacher")) == bool(d.get("teacher_cache")):
+        raise MedvlUserError("distill needs exactly one of teacher (a VLM folder) or teacher_cache (a cache folder)")
+    kd = LogitKDLoss(alpha=float(d.get("alpha", 0.5)), kind=d.get("kind", "forward"),
+                     temperature=float(d.get("temperature", 1.0)), t2_scale=bool(d.get("t2_scale", False)),
+                     beta=float(d.get("beta", 0.5)), vocab=d.get("vocab", "error"))
+    if d.get("teacher_cache"):
+        return CachedTeacher(d["teacher_cache"]), kd
+    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
+    path = resolve_model_path(d["teacher"])
+    return LiveTeacher(path, load_model_tokenizer(path), max_length, device=d.get("device", "cpu"),
+                       topk=int(d.get("topk", 0)), precision=precision), kd

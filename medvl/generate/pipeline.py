@@ -40,7 +40,7 @@ class VLMPipeline:
         self.path = path
         from medvl.data.collate import VLMCollator
         from medvl.models.vlm import load_vlm
-        from medvl.train.vlm import image_loader_for
+        from medvl.models.vlm import image_loader_for
 
         path = resolve_model_path(path)
         self.model = load_vlm(path)

@@ -122,6 +122,11 @@ class MedCLIP(nn.Module):
         self.config = config
         self.model = model if model is not None else _build(config, load_text_weights)
         self._tokenizer = None
+        text = getattr(self.model, "text", None)
+        hf_pooler = getattr(getattr(text, "transformer", None), "pooler", None)
+        if hf_pooler is not None and not getattr(getattr(text, "pooler", None), "use_pooler_output", False):
+            for p in hf_pooler.parameters():  # BERT's own pooler is computed but unused (open_clip pools
+                p.requires_grad = False       # itself): never trainable, so DDP finds no unused parameter
         if config.lock_text:
             self.lock_text()
 

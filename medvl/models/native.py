@@ -3,7 +3,8 @@
 ``NativeVLM`` pairs an ``AutoModelForImageTextToText`` with its ``AutoProcessor`` and offers
 what the composed model offers: encode canonical samples (the processor expands image
 tokens — Qwen2-VL's count depends on the image's grid), collate, train with a loss on the
-answer only, and batched left-padded generation. First cut: the loss covers the **last**
+answer only, and batched left-padded generation; training goes through the vlm recipe
+(:mod:`medvl.train.vlm_native`). First cut: the loss covers the **last**
 assistant turn (the prompt is rendered with the generation prompt and its length masked),
 which is every VQA and report sample; earlier assistant turns of multi-turn chats are
 context only.
@@ -137,48 +138,3 @@ def module_of(name: str) -> str:
         return "vision"
     return "llm"
 
-
-def apply_policy(vlm: NativeVLM, policy: dict[str, str]) -> dict[str, int]:
-    """frozen / full per module (LoRA on native models is not wired yet); returns trainable counts."""
-    counts = {"vision": 0, "connector": 0, "llm": 0}
-    for name, p in vlm.model.named_parameters():
-        part = module_of(name)
-        mode = policy.get(part, "full")
-        if mode == "lora":
-            raise MedvlUserError("LoRA on native VLMs is not supported yet; use frozen or full")
-        p.requires_grad = mode == "full"
-        counts[part] += p.numel() if p.requires_grad else 0
-    return counts
-
-
-def train_native(vlm: NativeVLM, samples: Sequence[Sample], *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-3,
-                 precision: str = "bf16", seed: int = 0) -> dict[str, Any]:
-    """Minimal SFT loop for a native VLM (the same loss convention as the composed one)."""
-    import time
-    torch.manual_seed(seed)
-    encoded, dropped = [], 0
-    for s in samples:
-        e = vlm.encode(s)
-        if e is None:
-            dropped += 1
-        else:
-            encoded.append(e)
-    params = [p for p in vlm.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    vlm.model.train()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    gen = torch.Generator().manual_seed(seed)
-    losses, t0, seen = [], time.perf_counter(), 0
-    for _ in range(epochs):
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        for b in range(0, len(order), batch_size):
-            batch = vlm.collate([encoded[i] for i in order[b:b + batch_size]])
-            with autocast:
-                loss = vlm.model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            seen += len(order[b:b + batch_size])
-    vlm.model.eval()
-    return {"losses": losses, "dropped": dropped, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}

@@ -255,3 +255,24 @@ def load_vlm(path: str | Path, *, allow_missing: bool = False) -> MedVLM:
                              "(pass allow_missing=True to load anyway)", path=path)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model.eval()
+
+
+def image_loader_for(model):
+    """Media -> pixel tensor with the tower's preprocessing (medical I/O underneath); a Media whose
+    ``array`` holds an already decoded MedicalImage (an upload to the server) is not read again."""
+    from medvl.data.imageio import MedicalImage, load_medical
+    from medvl.data.transforms import preprocess_2d
+
+    size = getattr(model.vision, "image_size", 0) or 224
+    volume = len(model.vision.grid) == 3
+    shape = model.config.vision.get("volume_size", [32, 128, 128])
+
+    def load(media) -> torch.Tensor:
+        img = media.array if isinstance(media.array, MedicalImage) else load_medical(media.path)
+        if volume:  # [1, D, H, W]; a 2D image is a one-slice volume
+            from medvl.data.transforms import preprocess_3d
+            if img.kind != "volume":
+                raise MedvlUserError("this model's vision tower takes 3D volumes, got a 2D image", path=media.path)
+            return torch.from_numpy(preprocess_3d(img, shape))
+        return torch.from_numpy(preprocess_2d(img, size, mode="pad"))  # [3, S, S]
+    return load

@@ -28,7 +28,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MedvlUserError(f"recipe: {kind!r} is not a known recipe ({', '.join(RECIPES)})", path=path)
     from medvl.train.config import load_recipe
     if kind in ("vlm", "vlm-distill"):  # vlm-distill: the vlm recipe with a distill section (ClinKD)
-        from medvl.train.vlm import VLMTrainConfig, load_training_samples, train_vlm
+        from medvl.data.loading import load_training_samples
+        from medvl.train.vlm import VLMTrainConfig, train_vlm
         cfg = load_recipe(VLMTrainConfig, path, args.overrides)
         if kind == "vlm-distill" and not cfg.distill:
             raise MedvlUserError("a vlm-distill recipe needs a distill section (teacher or teacher_cache)", path=path)
@@ -36,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k, v in skipped.items():
             print(f"note: {v} record(s) left out ({k})")
         if cfg.reflect:
-            from medvl.distill.reflect import run_reflective
+            from medvl.train.reflect import run_reflective
             res = run_reflective(cfg, samples)
             cfg.output_dir = str(Path(cfg.output_dir) / f"round{len(res['reflection'])}")
         else:

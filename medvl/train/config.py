@@ -96,3 +96,53 @@ def to_dict(cfg: Any) -> dict:
 def save_resolved(cfg: Any, path: str | Path, recipe: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump({"recipe": recipe, **to_dict(cfg)}, sort_keys=False))
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """What the trainer engine (:mod:`medvl.train.engine`) reads. Every recipe config extends
+    it, so these keys mean the same in every recipe YAML."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    """samples per micro-batch on each process (global batch = batch_size x grad_accum x processes)"""
+    grad_accum: int = 1
+    """micro-batches whose gradients are summed before one optimizer step"""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    lr_schedule: str = "cosine"
+    """cosine | ramped_cosine | constant (medvl.train.engine.schedule)"""
+    max_steps: int = 0
+    """the run's length in optimizer steps (0: all epochs) — the LR schedule's horizon; a later run with
+    a larger max_steps resumes and stretches the schedule to it"""
+    clip_grad: float = 0.0
+    """clip the global gradient norm to this (0: off)"""
+    precision: str = "bf16"
+    """bf16 (autocast on CPU or CUDA) or fp32"""
+    seed: int = 0
+    output_dir: str = "runs/train"
+    log_every: int = 20
+    save_every_epochs: int = 1
+    """write the resumable checkpoint every N epochs (and always at the end)"""
+    save_every_steps: int = 0
+    """also write it every N optimizer steps (0: off) — for long epochs"""
+    stop_after_epochs: int = 0
+    """end this run after N epochs (checkpoint kept; a rerun resumes) — for time-boxed jobs"""
+    stop_after_steps: int = 0
+    """end this run after N optimizer steps, mid-epoch if need be (checkpoint kept; a rerun resumes at the
+    same batch; the schedule is unchanged)"""
+    distributed: str = "ddp"
+    """under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and optimizer state
+    sharded; fsdp_sharding full = ZeRO-3, grad_op = ZeRO-2; the recipe's layers are the shard units)"""
+    fsdp_sharding: str = "full"
+    peak_gflops: float = 0.0
+    """the device's peak for MFU (0: on CPU 205 for bf16, 88 for fp32 — measured on the project's 2-core
+    machine; on CUDA no MFU unless set)"""
+    threads: int = 0
+    """torch threads (0: leave torch's default)"""
+
+
+#: TrainerConfig fields that do not change what a run computes (left out of a checkpoint's identity)
+NOT_IDENTITY = ("output_dir", "log_every", "stop_after_epochs", "stop_after_steps", "max_steps", "save_every_epochs",
+                "save_every_steps", "threads")

@@ -1,0 +1,70 @@
+"""What a run reports: a progress bar, ``metrics.jsonl`` (one JSON record per log step,
+appended as it goes so a killed run keeps its history and a resumed one continues it),
+TensorBoard scalars when ``tensorboard`` is installed, and the loss curve as a PNG at the end
+(when matplotlib is). Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, out: Path, *, fresh: bool, enabled: bool, tensorboard: bool = True):
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is optional (the train extra installs it)
+                self.tb = None
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            self.tb.close()
+        plot_losses(self.path, self.path.parent / "training_loss.png")
+
+
+def plot_losses(log_path: Path, png: Path) -> Path | None:
+    """The loss curve from metrics.jsonl as a PNG (skipped without matplotlib or records)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not log_path.exists():
+        return None
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png

@@ -1,0 +1,251 @@
+"""The trainer engine: one loop beneath every recipe.
+
+A recipe builds its data and model and says what one step computes; :class:`Engine` does
+the rest, identically for the clip and vlm recipes and for composed and native VLMs:
+
+* distribution (:mod:`.dist`: DDP or FSDP2 under torchrun, CPU or CUDA), the device;
+* precision (bf16 autocast), gradient accumulation (no gradient sync on inner micro-batches),
+  gradient clipping, the LR schedule by name (:mod:`.schedule`), AdamW;
+* the data plan: the recipe returns an epoch's **global** batches (the same on every rank,
+  drawn from one generator seeded alike everywhere) and each rank takes its slice
+  ``batch[rank::world]``, so 1 and N processes see the same global batches;
+* atomic checkpoints with exact resume (:mod:`.checkpoint`), the run's identity checked;
+* logging (:mod:`.logger`): tqdm, metrics.jsonl, TensorBoard, the loss plot; samples/s,
+  tokens/s and MFU — from the recipe's FLOPs per token when it gives them (6 x LM parameters
+  for the VLM), otherwise counted once with ``torch.utils.flop_counter`` on the first step.
+
+Two generators are checkpointed with the rest: ``plan_gen`` (data order; same seed on every
+rank) and ``rank_gen`` (per-sample randomness such as augmentation; seed + rank).
+References: torchtune's recipe/trainer split, open_clip_train's loop, lingua's checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medvl.errors import MedvlUserError
+from medvl.train.config import NOT_IDENTITY, TrainerConfig
+import medvl.train.engine.checkpoint as checkpoint
+import medvl.train.engine.dist as dist
+from medvl.train.engine.logger import MetricsLogger
+from medvl.train.engine.schedule import get_schedule
+
+
+@dataclass
+class StepResult:
+    """What a recipe's step returns for one micro-batch."""
+    loss: torch.Tensor
+    samples: int
+    tokens: int = 0
+    logs: dict[str, float] = field(default_factory=dict)
+    """extra scalars for the log (loss parts such as kd / ce)"""
+
+
+class Engine:
+    def __init__(self, cfg: TrainerConfig, *, name: str, progress: bool = True, ignore_keys: Sequence[str] = ()):
+        self.cfg = cfg
+        self.name = name
+        self.rank, self.world, local = dist.init()
+        self.device = dist.device(local)
+        self.main = self.rank == 0
+        self.progress = progress and self.main
+        self.ignore_keys = set(NOT_IDENTITY) | set(ignore_keys)
+        if cfg.precision not in ("bf16", "fp32"):
+            raise MedvlUserError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
+        if cfg.grad_accum < 1 or cfg.batch_size < 1:
+            raise MedvlUserError("batch_size and grad_accum must be at least 1")
+        get_schedule(cfg.lr_schedule)
+        if self.world > 1:
+            dist.check_mode(cfg.distributed, cfg.fsdp_sharding)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.plan_gen = torch.Generator().manual_seed(cfg.seed)
+        self.rank_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.rank)
+        self.out = Path(cfg.output_dir)
+        self.module: nn.Module | None = None
+        self.opt: torch.optim.Optimizer | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.cfg.distributed == "fsdp"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def to_device(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, non_blocking=True)
+        if isinstance(x, dict):
+            return {k: self.to_device(v) for k, v in x.items()}
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a NamedTuple of tensors (top-k teacher rows)
+            return type(x)(*(self.to_device(v) for v in x))
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.to_device(v) for v in x)
+        return x
+
+    def setup(self, module: nn.Module, *, shard_units: Sequence[nn.Module] = (),
+              param_groups: Callable[[nn.Module], list] | None = None) -> nn.Module:
+        """Move the step module to the device, wrap it for the distribution mode and build AdamW
+        over its trainable parameters (``param_groups(module)`` for custom groups, called after
+        wrapping: FSDP replaces parameters by their shards)."""
+        module = module.to(self.device)
+        self.module = dist.wrap(module, self.cfg.distributed, self.world, shard_units, self.cfg.fsdp_sharding,
+                                self.device)
+        groups = param_groups(self.module) if param_groups else [p for p in self.module.parameters() if p.requires_grad]
+        if not groups:
+            raise MedvlUserError("nothing to train: every module is frozen")
+        self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return self.module
+
+    def global_batches(self, order: list, batch_size: int | None = None) -> list[list]:
+        """An epoch's order cut into global batches of batch_size x world, the tail trimmed to a
+        multiple of world so every rank takes the same number of samples."""
+        g = (batch_size or self.cfg.batch_size) * self.world
+        order = order[:len(order) - len(order) % self.world]
+        return [order[i:i + g] for i in range(0, len(order), g)]
+
+    def steps_per_epoch(self, n_items: int) -> int:
+        """Micro-batches per epoch for ``n_items`` samples cut by :meth:`global_batches`."""
+        return math.ceil((n_items - n_items % self.world) / (self.cfg.batch_size * self.world))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, *, steps_per_epoch: int, plan: Callable[[int], list], step: Callable[[Any], StepResult],
+            unit: str = "samples", flops_per_token: float | None = None,
+            after_step: Callable[[], None] | None = None, after_train_mode: Callable[[], Any] | None = None,
+            desc: str | None = None) -> dict[str, Any]:
+        """Run (or resume) the loop. ``plan(epoch)`` returns the epoch's global micro-batches (lists;
+        it draws from ``self.plan_gen``); ``step(local_batch)`` returns a :class:`StepResult`;
+        ``after_step`` runs after each optimizer step, ``after_train_mode`` after ``module.train()``
+        (to keep frozen parts in eval mode)."""
+        from tqdm.auto import tqdm
+
+        cfg, module, opt = self.cfg, self.module, self.opt
+        if module is None or opt is None:
+            raise RuntimeError("Engine.setup() must run before fit()")
+        accum = cfg.grad_accum
+        opt_steps = math.ceil(steps_per_epoch / accum)
+        total = cfg.max_steps or opt_steps * cfg.epochs
+        schedule = get_schedule(cfg.lr_schedule)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        identity = {"run": {k: v for k, v in asdict(cfg).items() if k not in self.ignore_keys},
+                    "engine": {"world": self.world, "distributed": cfg.distributed if self.world > 1 else "single"}}
+        ckpt = self.out / "checkpoints" / "last.pt"
+        pos = {"step": 0, "epoch": 0, "offset": 0, "plan": None}
+        resumed = ckpt.exists()
+        if resumed:
+            st = checkpoint.load(ckpt, identity)
+            checkpoint.restore(st, module, opt, self.sharded)
+            checkpoint.set_rng_state(st["rng"][self.rank], self._gens())
+            pos = st["pos"]
+            if self.progress:
+                print(f"{self.name}: resumed from {ckpt} at step {pos['step']} (epoch {pos['epoch']})")
+        logger = MetricsLogger(self.out, fresh=not resumed, enabled=self.main)
+        peak = (cfg.peak_gflops or (0.0 if self.device.type == "cuda" else 205.0 if cfg.precision == "bf16" else 88.0)) * 1e9
+        bar = tqdm(total=total, initial=pos["step"], desc=desc or self.name, unit="step", disable=not self.progress)
+        t0, seen, tokens, epochs_run, last = time.perf_counter(), 0, 0, 0, {}
+        stop_at = pos["step"] + cfg.stop_after_steps if cfg.stop_after_steps else total
+        stop_at = min(stop_at, total)
+        flops_per_sample = None
+        saved_at = -1
+        module.train()
+        if after_train_mode is not None:
+            after_train_mode()
+        while pos["step"] < stop_at:
+            if pos["plan"] is None:
+                pos["plan"], pos["offset"] = plan(pos["epoch"]), 0
+                if len(pos["plan"]) != steps_per_epoch:
+                    raise RuntimeError(f"plan has {len(pos['plan'])} batches, steps_per_epoch says {steps_per_epoch}")
+            batches = pos["plan"]
+            while pos["offset"] < len(batches) and pos["step"] < stop_at:
+                micro = batches[pos["offset"]:pos["offset"] + accum]
+                lr = schedule(pos["step"], total, cfg.warmup_steps, cfg.lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                count = flops_per_token is None and flops_per_sample is None
+                counter = _flop_counter() if count else contextlib.nullcontext()
+                losses, parts, n_s, n_t = [], {}, 0, 0
+                with counter:
+                    for i, mb in enumerate(micro):
+                        with dist.no_sync(module, cfg.distributed, self.world, skip=i < len(micro) - 1):
+                            with self.autocast():
+                                res = step(mb[self.rank::self.world])
+                            (res.loss / len(micro)).backward()
+                        losses.append(float(res.loss.detach()))
+                        n_s, n_t = n_s + res.samples, n_t + res.tokens
+                        for k, v in res.logs.items():
+                            parts[k] = parts.get(k, 0.0) + v / len(micro)
+                if count:
+                    flops_per_sample = counter.get_total_flops() / max(1, n_s) if counter is not None else 0.0
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)  # FSDP: over all shards (DTensors)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step()
+                pos["step"] += 1
+                pos["offset"] += len(micro)
+                seen, tokens = seen + n_s * self.world, tokens + n_t * self.world
+                bar.update(1)
+                if pos["step"] % cfg.log_every == 0 or pos["step"] == total:
+                    el = time.perf_counter() - t0
+                    last = {"step": pos["step"], "epoch": pos["epoch"], "loss": sum(losses) / len(losses), "lr": lr,
+                            f"{unit}_per_s": seen / el, **({"tokens_per_s": tokens / el} if tokens else {}), **parts}
+                    if peak:
+                        done = flops_per_token * tokens if flops_per_token is not None else (flops_per_sample or 0) * seen
+                        if done:
+                            last["mfu"] = done / el / peak / self.world
+                    logger.log(last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", **{f"{unit}_s": f"{seen / el:.1f}"})
+                if cfg.save_every_steps and pos["step"] % cfg.save_every_steps == 0:
+                    self._save(ckpt, pos, identity)
+                    saved_at = pos["step"]
+            if pos["offset"] >= len(batches):  # the epoch is complete
+                pos.update(epoch=pos["epoch"] + 1, offset=0, plan=None)
+                epochs_run += 1
+                if pos["epoch"] % cfg.save_every_epochs == 0:
+                    self._save(ckpt, pos, identity)
+                    saved_at = pos["step"]
+                if cfg.stop_after_epochs and epochs_run >= cfg.stop_after_epochs:
+                    break  # every rank stops at the same epoch
+        bar.close()
+        if saved_at != pos["step"]:
+            self._save(ckpt, pos, identity)  # a max_steps stop resumes from here
+        logger.close()
+        dist.barrier(self.world)
+        el = time.perf_counter() - t0
+        return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": el, "log": logger.records, "last": last,
+                "samples_per_s": seen / max(el, 1e-9), "tokens_per_s": tokens / max(el, 1e-9), "resumed": resumed,
+                "finished": pos["step"] >= total}
+
+    def _gens(self) -> dict[str, torch.Generator]:
+        return {"plan": self.plan_gen, "rank": self.rank_gen}
+
+    def _save(self, path: Path, pos: dict, identity: dict) -> None:
+        rng = dist.gather_objects(checkpoint.rng_state(self._gens()), self.world)
+        checkpoint.save(path, self.module, self.opt, self.sharded, self.rank,
+                        {"pos": dict(pos), "identity": identity}, rng)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The step module's full weights (gathered under FSDP: every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=self.world > 1))
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    return FlopCounterMode(display=False)

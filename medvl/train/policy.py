@@ -1,0 +1,78 @@
+"""What trains: stages as per-module policies (``frozen`` / ``full`` / ``lora``), applied to a
+composed VLM's ``vision`` / ``connector`` / ``llm`` or, by parameter names, to a native one.
+
+* ``align`` — connector only (LLaVA stage 1 / MedM-VL pretrain);
+* ``sft`` — connector + LM (LLaVA stage 2 / MedM-VL finetune);
+* ``vision-tune`` — vision tower + connector, LM frozen (medcap).
+
+``freeze: {llm: lora}`` overrides a stage's entry; LoRA goes through peft
+(``get_peft_model``; a ``target_modules`` that matches nothing is an error, not a silent
+no-op) and is merged at export so the saved model loads without peft.
+"""
+
+from __future__ import annotations
+
+from medvl.errors import MedvlUserError
+
+STAGES = {"align": {"vision": "frozen", "connector": "full", "llm": "frozen"},
+          "sft": {"vision": "frozen", "connector": "full", "llm": "full"},
+          "vision-tune": {"vision": "full", "connector": "full", "llm": "frozen"}}
+MODULES = ("vision", "connector", "llm")
+
+
+def resolve_policy(stage: str, overrides: dict) -> dict[str, str]:
+    if stage not in STAGES:
+        raise MedvlUserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    policy = {**STAGES[stage], **overrides}
+    for name in policy:
+        if name not in MODULES:
+            raise MedvlUserError(f"freeze: unknown module {name!r} (vision, connector, llm)")
+        if policy[name] not in ("frozen", "full", "lora"):
+            raise MedvlUserError(f"freeze.{name} must be frozen, full or lora, got {policy[name]!r}")
+    return policy
+
+
+def with_lora(module, lora: dict, name: str):
+    """``module`` wrapped by peft with LoRA adapters (its base weights frozen)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise MedvlUserError("LoRA needs peft: pip install 'medvl[train]'") from None
+    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+                     lora_dropout=float(lora.get("dropout", 0.0)), target_modules=lora.get("target_modules"))
+    try:
+        return get_peft_model(module, cfg)
+    except ValueError as e:
+        raise MedvlUserError(f"LoRA on {name}: target_modules {lora.get('target_modules')!r} match no layer "
+                             f"({str(e)[:120]})") from None
+
+
+def apply_composed(model, policy: dict[str, str], lora: dict) -> None:
+    """Set requires_grad per module of a composed VLM; wrap ``lora`` modules with adapters."""
+    for name in MODULES:
+        for p in getattr(model, name).parameters():
+            p.requires_grad = policy[name] == "full"
+        if policy[name] == "lora":
+            setattr(model, name, with_lora(getattr(model, name), lora, name))
+
+
+def merge_composed(model, policy: dict[str, str]) -> None:
+    """Merge LoRA adapters into the weights: a plain model, no peft needed to load it."""
+    for name in MODULES:
+        if policy[name] == "lora":
+            setattr(model, name, getattr(model, name).merge_and_unload())
+
+
+def apply_native(model, policy: dict[str, str]) -> dict[str, int]:
+    """frozen / full per module of a native HF VLM, by parameter names (LoRA on native models is
+    not wired yet); returns the trainable parameter count per module."""
+    from medvl.models.native import module_of
+    counts = {"vision": 0, "connector": 0, "llm": 0}
+    for name, p in model.named_parameters():
+        part = module_of(name)
+        mode = policy.get(part, "full")
+        if mode == "lora":
+            raise MedvlUserError("LoRA on native VLMs is not supported yet; use frozen or full")
+        p.requires_grad = mode == "full"
+        counts[part] += p.numel() if p.requires_grad else 0
+    return counts
