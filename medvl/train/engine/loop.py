@@ -156,11 +156,11 @@ class Engine:
         logger = MetricsLogger(self.out, fresh=not resumed, enabled=self.main)
         peak = (cfg.peak_gflops or (0.0 if self.device.type == "cuda" else 205.0 if cfg.precision == "bf16" else 88.0)) * 1e9
         bar = tqdm(total=total, initial=pos["step"], desc=desc or self.name, unit="step", disable=not self.progress)
-        t0, seen, tokens, epochs_run, last = time.perf_counter(), 0, 0, 0, {}
+        t0, seen, tokens, epochs_run, last, first = time.perf_counter(), 0, 0, 0, {}, (1e-9, 0, 0)
         stop_at = pos["step"] + cfg.stop_after_steps if cfg.stop_after_steps else total
         stop_at = min(stop_at, total)
         flops_per_sample = None
-        saved_at = -1
+        saved_at, warm = -1, False
         module.train()
         if after_train_mode is not None:
             after_train_mode()
@@ -199,17 +199,19 @@ class Engine:
                 pos["step"] += 1
                 pos["offset"] += len(micro)
                 seen, tokens = seen + n_s * self.world, tokens + n_t * self.world
+                if not warm:  # throughput leaves out the run's first step (warm-up, FLOP counting) ...
+                    warm, first = True, (time.perf_counter() - t0, seen, tokens)
+                    t0, seen, tokens = time.perf_counter(), 0, 0
                 bar.update(1)
                 if pos["step"] % cfg.log_every == 0 or pos["step"] == total:
-                    el = time.perf_counter() - t0
+                    el, ns, nt = _meter(t0, seen, tokens, first)
                     last = {"step": pos["step"], "epoch": pos["epoch"], "loss": sum(losses) / len(losses), "lr": lr,
-                            f"{unit}_per_s": seen / el, **({"tokens_per_s": tokens / el} if tokens else {}), **parts}
-                    if peak:
-                        done = flops_per_token * tokens if flops_per_token is not None else (flops_per_sample or 0) * seen
-                        if done:
-                            last["mfu"] = done / el / peak / self.world
+                            f"{unit}_per_s": ns / el, **({"tokens_per_s": nt / el} if nt else {}), **parts}
+                    done = flops_per_token * nt if flops_per_token is not None else (flops_per_sample or 0) * ns
+                    if peak and done:
+                        last["mfu"] = done / el / peak / self.world
                     logger.log(last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", **{f"{unit}_s": f"{seen / el:.1f}"})
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", **{f"{unit}_s": f"{ns / el:.1f}"})
                 if cfg.save_every_steps and pos["step"] % cfg.save_every_steps == 0:
                     self._save(ckpt, pos, identity)
                     saved_at = pos["step"]
@@ -226,10 +228,10 @@ class Engine:
             self._save(ckpt, pos, identity)  # a max_steps stop resumes from here
         logger.close()
         dist.barrier(self.world)
-        el = time.perf_counter() - t0
-        return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": el, "log": logger.records, "last": last,
-                "samples_per_s": seen / max(el, 1e-9), "tokens_per_s": tokens / max(el, 1e-9), "resumed": resumed,
-                "finished": pos["step"] >= total}
+        el, ns, nt = _meter(t0, seen, tokens, first)
+        return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": time.perf_counter() - t0 + first[0],
+                "log": logger.records, "last": last, "samples_per_s": ns / el, "tokens_per_s": nt / el,
+                "resumed": resumed, "finished": pos["step"] >= total}
 
     def _gens(self) -> dict[str, torch.Generator]:
         return {"plan": self.plan_gen, "rank": self.rank_gen}
@@ -244,6 +246,13 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=self.world > 1))
+
+
+def _meter(t0: float, seen: int, tokens: int, first: tuple) -> tuple[float, int, int]:
+    """(seconds, samples, tokens) since the first step, or of the first step when it is the only one."""
+    if seen:
+        return max(time.perf_counter() - t0, 1e-9), seen, tokens
+    return max(first[0], 1e-9), first[1], first[2]
 
 
 def _flop_counter():
