@@ -150,45 +150,124 @@ def test_api_key(img):
         assert c.get("/health").status_code == 200  # health stays open for probes
 
 
-def test_concurrent_requests_are_batched_and_answered_correctly(client):
-    test = load_bundled("vqa-rad", "test")[:12]
-    bodies = [chat_body(data_uri(s.images[0].path), s.conversation[0].text.replace("<image>\n", ""), max_tokens=8)
-              for s in test]
-    seq = [client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
-    server = client.app.state.server
-    before = server.batcher.batches
-    out = [None] * len(bodies)
+def _concurrently(fn, n):
+    out = [None] * n
 
     def go(k):
-        out[k] = client.post("/v1/chat/completions", json=bodies[k]).json()["choices"][0]["message"]["content"]
-    threads = [threading.Thread(target=go, args=(k,)) for k in range(len(bodies))]
+        out[k] = fn(k)
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert out == seq  # each answer went back to its own request
-    assert server.batcher.batches - before < len(bodies)  # fewer generation calls than requests
+    return out
+
+
+def test_concurrent_requests_join_the_running_decode_and_get_their_own_answers(client):
+    """Greedy answers under load equal the answers served one at a time; requests shared decode steps;
+    the second question about an image reuses its vision tokens."""
+    test = load_bundled("vqa-rad", "test")[:12]
+    bodies = [chat_body(data_uri(s.images[0].path), s.conversation[0].text.replace("<image>\n", ""),
+                        max_tokens=4 + k % 5) for k, s in enumerate(test)]  # per-request max_tokens
+    seq = [client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+    before = dict(client.get("/ready").json()["chat"])
+    out = _concurrently(lambda k: client.post("/v1/chat/completions", json=bodies[k]).json()["choices"][0]
+                        ["message"]["content"], len(bodies))
+    assert out == seq  # each answer went back to its own request, unchanged by its batch mates
+    after = client.get("/ready").json()["chat"]
+    assert after["row_steps"] - before["row_steps"] > after["steps"] - before["steps"]  # rows shared steps
+    assert after["admitted"] - before["admitted"] == len(bodies) and after["running"] == 0
+    assert after["vision_cache"]["hits"] > before["vision_cache"]["hits"]  # the same images came again
+
+
+def test_stop_strings_and_sampling_settings(client, img):
+    full = client.post("/v1/chat/completions", json=chat_body(img, "Describe the image.", max_tokens=24)).json()
+    text = full["choices"][0]["message"]["content"]
+    words = text.split()
+    if len(words) >= 2:
+        cut = client.post("/v1/chat/completions", json=chat_body(img, "Describe the image.", max_tokens=24,
+                                                                  stop=[" " + words[1]])).json()
+        assert cut["choices"][0]["message"]["content"] == text[:text.index(" " + words[1])].strip()
+    a = client.post("/v1/chat/completions", json=chat_body(img, temperature=1.0, seed=7, max_tokens=6)).json()
+    b = client.post("/v1/chat/completions", json=chat_body(img, temperature=1.0, seed=7, max_tokens=6)).json()
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]  # seeded sampling
+    r = client.post("/v1/chat/completions", json=chat_body(img, stop=["a"] * 5))
+    assert r.status_code == 400 and "stop" in r.json()["error"]["message"]
 
 
 def test_full_queue_answers_503_not_a_growing_backlog(img):
     with TestClient(create_app(VLM, None, ServeConfig(max_queue=1, max_batch=1))) as c:
-        server = c.app.state.server
-        real = server.batcher.run_batch
+        dec = c.app.state.server.decoder
+        real = dec._prefill
 
-        def slow(items):
+        def slow(reqs):
             time.sleep(0.5)
-            return real(items)
-        server.batcher.run_batch = slow
-        codes = []
-
-        def go():
-            codes.append(c.post("/v1/chat/completions", json=chat_body(img, max_tokens=2)).status_code)
-        threads = [threading.Thread(target=go) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            return real(reqs)
+        dec._prefill = slow
+        codes = _concurrently(lambda k: c.post("/v1/chat/completions", json=chat_body(img, max_tokens=2)).status_code, 6)
         assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(img):
+    """A streaming client closes its connection after the first tokens: the row leaves the running
+    batch (and its KV cache) at once instead of decoding to max_tokens."""
+    import socket
+
+    import httpx
+    import uvicorn
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    app = create_app(VLM, None, ServeConfig(max_tokens_cap=256))
+    dec = app.state.server.decoder
+    dec.eos = -1  # never ends by itself: it would decode all 256 tokens
+    real = dec._step
+
+    def slow():
+        time.sleep(0.02)
+        return real()
+    dec._step = slow
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", url + "/v1/chat/completions", json=chat_body(img, max_tokens=256, stream=True)) as r:
+                got = 0
+                for line in r.iter_lines():
+                    got += line.startswith("data: ")
+                    if got >= 4:
+                        break  # leave: the connection closes
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:
+                st = c.get(url + "/ready").json()["chat"]
+                if st["running"] == 0:
+                    break
+                time.sleep(0.05)
+        assert st["running"] == 0 and st["cancelled"] == 1 and st["finished"] == 0
+        assert time.monotonic() - t0 < 2  # far sooner than the 256 x 20 ms the row had left
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)
+
+
+def test_zero_shot_requests_are_batched_and_equal_one_at_a_time(client, img):
+    test = load_bundled("vqa-rad", "test")[:8]
+    bodies = [{"image": data_uri(s.images[0].path), "labels": ["chest", "head", "abdomen"]} for s in test]
+    seq = [client.post("/v1/zero-shot", json=b).json()["probs"] for b in bodies]
+    before = client.get("/ready").json()["clip"]
+    out = _concurrently(lambda k: client.post("/v1/zero-shot", json=bodies[k]).json()["probs"], len(bodies))
+    after = client.get("/ready").json()["clip"]
+    assert all(abs(x - y) < 1e-4 for a, b in zip(out, seq) for x, y in zip(a, b))
+    assert after["batches"] - before["batches"] < len(bodies) and after["label_sets_cached"] >= 1
+    bad = dict(bodies[0], image="data:image/png;base64," + base64.b64encode(b"not a png").decode())
+    assert client.post("/v1/zero-shot", json=bad).status_code == 400
+    assert client.post("/v1/zero-shot", json=dict(bodies[0], labels=["a", "a"])).status_code == 400
 
 
 def test_zero_shot_and_embeddings(client, img):

@@ -7,10 +7,16 @@ Design choices:
   the official ``openai`` client and the tools built on it work unchanged; errors use its
   ``{"error": {"message", "type", "code"}}`` body. Images travel as ``image_url`` data URIs
   (:mod:`medvl.serve.uploads`); the last user message is the question, its images the input.
-* **Batching**: non-streaming chat requests go through :class:`medvl.serve.batcher.Batcher`
-  into one :func:`medvl.generate.batched.generate_answers` call per batch (requests with
-  different decoding settings in one batch are split into groups). Streaming requests
-  decode alone with a per-token callback (server-sent events, OpenAI's chunk format).
+* **Continuous batching** for chat (:class:`medvl.generate.continuous.ContinuousDecoder`):
+  a request joins the running decode at the next step and leaves when it finishes, each with
+  its own ``max_tokens``, temperature / top-p, stop strings and seed; streaming requests are
+  rows like the others, with a per-token callback (server-sent events, OpenAI's chunk
+  format); a client that goes away frees its row and KV cache at the next step. The same
+  image (by content hash) asked several questions is encoded once (a bounded LRU of vision
+  tokens).
+* **Batched CLIP endpoints**: zero-shot and embedding requests that arrive within
+  ``batch_wait_ms`` share one image-tower call and one text-tower call
+  (:class:`medvl.serve.batcher.Batcher`); the class embeddings of a label set are cached.
 * **Limits**: body bytes (checked on the stream, not only the header), image bytes and
   pixels, ``max_tokens`` capped, a per-request timeout (504), a bounded queue (503 +
   Retry-After), optional bearer-token auth, JSON-only POST bodies (415). Client mistakes are
@@ -21,7 +27,6 @@ Design choices:
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,7 +51,12 @@ class ServeConfig:
     timeout_s: float = 60.0
     max_queue: int = 64
     max_batch: int = 32
+    """rows decoding at once (chat) and requests per CLIP call; 1 = one request at a time"""
     batch_wait_ms: float = 10.0
+    """how long a CLIP batch waits to fill (chat needs no window: requests join the running decode)"""
+    image_cache_mb: float = 256.0
+    """vision tokens kept for images asked about again (LRU by bytes)"""
+    max_stop: int = 4
     max_labels: int = 64
     max_embedding_inputs: int = 64
     api_key: str | None = None
@@ -84,6 +94,7 @@ def _models():
         stream: bool = False
         n: int = 1
         seed: int | None = None
+        stop: str | list[str] | None = None
 
     class ZeroShotRequest(BaseModel):
         model: str | None = None
@@ -111,24 +122,37 @@ class Server:
                  clip_name: str | None = None):
         self.cfg = cfg
         self.store = UploadStore(cfg.max_image_bytes, cfg.max_image_pixels)
-        self.lock = threading.Lock()  # one model call at a time (batcher and streams share the model)
-        self.pipe = self.clip = None
+        self.pipe = self.clip = self.decoder = self.clip_batcher = None
         if vlm:
+            from medvl.generate.continuous import ContinuousDecoder
             from medvl.generate.pipeline import VLMPipeline, resolve_model_path
             self.pipe = VLMPipeline(resolve_model_path(vlm))
             self.vlm_name = vlm_name or Path(str(vlm)).name
+            self.decoder = ContinuousDecoder(self.pipe.model, self.pipe.tokenizer, self.pipe.image_fn,
+                                             max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                                             cache_bytes=int(cfg.image_cache_mb * 2**20),
+                                             tower_precision=cfg.tower_precision)
         if clip:
             from medvl.models.clip import load_clip
+            from medvl.serve.clip_batch import ClipRunner
             self.clip = load_clip(clip).eval()
             self.clip_name = clip_name or Path(str(clip)).name
+            self.clip_runner = ClipRunner(self.clip)
+            self.clip_batcher = Batcher(self.clip_runner, cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue)
         if self.pipe is None and self.clip is None:
             raise ValueError("serve needs a VLM (--model) or a CLIP (--clip)")
-        self.batcher = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue)
         self.ready = True
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+        if self.clip_batcher is not None:
+            self.clip_batcher.close()
 
     # -- chat ------------------------------------------------------------------------------
     def parse_chat(self, req) -> tuple[Any, list, dict]:
-        """Request -> (Sample, uploaded media, decoding settings); raises RequestError."""
+        """Request -> (Sample, uploaded media, decoding settings incl. the images' content keys);
+        raises RequestError."""
         from medvl.data.schema import Sample, Turn
         if self.pipe is None:
             raise RequestError(404, "this server has no chat model (start it with --model)", "model_not_found")
@@ -161,58 +185,27 @@ class Server:
         want = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
         settings = {"max_new_tokens": min(want, self.cfg.max_tokens_cap)}
         if req.temperature:  # temperature 0 / None = greedy
-            settings.update(do_sample=True, temperature=req.temperature, top_p=req.top_p or 1.0)
+            settings.update(temperature=req.temperature, top_p=req.top_p or 1.0)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > self.cfg.max_stop or any(not x or len(x) > 64 for x in stop):
+            raise RequestError(400, f"stop: at most {self.cfg.max_stop} non-empty strings of up to 64 characters")
+        settings.update(stop=stop, seed=req.seed)
+        from medvl.generate.continuous import content_key
+        settings["image_keys"] = [content_key(p.image_url.url.encode()) for p in images]
         media = [self.store.decode(p.image_url.url)[0] for p in images]  # last: every other check passed
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
 
-    def _run_batch(self, items) -> list[str]:
-        """items: (sample, settings) -> answers; one generate call per distinct setting."""
-        from medvl.generate.batched import generate_answers
-        groups: dict = {}
-        for k, (s, st) in enumerate(items):
-            groups.setdefault(json.dumps(st, sort_keys=True), []).append(k)
-        out: list = [None] * len(items)
-        with self.lock:
-            for key, idx in groups.items():
-                st = json.loads(key)
-                got = dict(generate_answers(self.pipe.model, self.pipe.collator, [items[i][0] for i in idx],
-                                            self.pipe.image_fn, batch_size=len(idx),
-                                            tower_precision=self.cfg.tower_precision, **st))
-                for i in idx:
-                    out[i] = got[items[i][0].id]
-        return out
-
-    def stream_tokens(self, sample, settings, emit) -> None:
-        """Decode one request alone, calling ``emit(text_so_far)`` after every token."""
-        import torch
-
-        from medvl.models.vlm import greedy_decode
-        p = self.pipe
-        tok = p.tokenizer
-        eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-        ids = torch.tensor([p.collator.prompt_ids(sample)])
-        mask = torch.ones_like(ids)
-        px = torch.stack([p.image_fn(m) for m in sample.images]) if sample.images else None
-        got: list[int] = []
-
-        def on_token(t):
-            v = int(t[0])
-            if v == eos:
-                return True
-            got.append(v)
-            emit(tok.decode(got, skip_special_tokens=True))
-            return False
-        with self.lock, torch.no_grad():
-            vt = None
-            if px is not None:
-                with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=self.cfg.tower_precision == "bf16"):
-                    vt = p.model.vision(px.to(p.model.device, p.model.dtype)).to(p.model.dtype)  # [1, N, Dv]
-            emb = p.model.embed(ids, None, vt)
-            greedy_decode(p.model.llm, emb, mask, settings["max_new_tokens"], eos, tok.pad_token_id,
-                          p.model.position_ids(ids, mask), do_sample=settings.get("do_sample", False),
-                          temperature=settings.get("temperature", 1.0), top_p=settings.get("top_p", 1.0),
-                          on_token=on_token)
+    def gen_request(self, sample, media, settings, on_text=None):
+        """The decoder's request for a parsed chat: prompt ids, the images (the decoded pixels stay
+        referenced by the request, so the upload can be released at once) and the settings."""
+        from medvl.data.schema import Media
+        from medvl.generate.continuous import GenRequest
+        return GenRequest(self.pipe.collator.prompt_ids(sample),
+                          [Media(None, modality=m.modality, array=m.array) for m in media], settings["image_keys"],
+                          max_new_tokens=settings["max_new_tokens"], temperature=settings.get("temperature", 0.0),
+                          top_p=settings.get("top_p", 1.0), stop=settings["stop"], seed=settings["seed"],
+                          on_text=on_text)
 
 
 def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medclip-r10t-minilm",
@@ -231,7 +224,7 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        server.batcher.close()
+        server.close()
 
     app = FastAPI(title="medvl", version=__import__("medvl").__version__, lifespan=lifespan,
                   description="Medical vision-language models: OpenAI-compatible chat, zero-shot and embeddings.")
@@ -275,9 +268,15 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
     async def ready():
         if not server.ready:
             return error(503, "loading")
-        b = server.batcher
-        return {"status": "ready", "queue": b.q.qsize(), "batches": b.batches, "batched_requests": b.items,
-                "mean_batch": b.items / b.batches if b.batches else 0.0}
+        out: dict[str, Any] = {"status": "ready"}
+        if server.decoder is not None:
+            out["chat"] = server.decoder.stats()
+        if server.clip_batcher is not None:
+            b = server.clip_batcher
+            out["clip"] = {"queue": b.q.qsize(), "batches": b.batches, "batched_requests": b.items,
+                           "mean_batch": b.items / b.batches if b.batches else 0.0,
+                           "label_sets_cached": len(server.clip_runner.class_cache)}
+        return out
 
     @app.get("/v1/models")
     async def models():
@@ -322,24 +321,28 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
     async def chat(req: ChatRequest):
         sample, media, settings = server.parse_chat(req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        busy = error(503, "server busy: the request queue is full, retry shortly", "overloaded", {"Retry-After": "1"})
         if req.stream:
-            return StreamingResponse(_stream(server, sample, media, settings, cid, created, req.model, cfg.timeout_s),
-                                     media_type="text/event-stream")
+            try:
+                return StreamingResponse(_stream(server, sample, media, settings, cid, created, req.model,
+                                                 cfg.timeout_s), media_type="text/event-stream")
+            except QueueFull:
+                return busy
+        gen = server.gen_request(sample, media, settings)
+        for m in media:  # the request holds the decoded pixels; the upload itself is done with
+            server.store.release(m)
         try:
-            fut = server.batcher.submit((sample, settings))
+            fut = server.decoder.submit(gen)
         except QueueFull:
-            for m in media:
-                server.store.release(m)
-            return error(503, "server busy: the request queue is full, retry shortly", "overloaded",
-                         {"Retry-After": "1"})
+            return busy
         try:
             answer = await asyncio.wait_for(asyncio.wrap_future(fut), cfg.timeout_s)
         except asyncio.TimeoutError:
-            fut.cancel()
+            gen.cancel()  # its row leaves the running batch at the next step
             return error(504, f"generation took longer than {cfg.timeout_s:.0f} s", "timeout")
-        finally:
-            for m in media:
-                server.store.release(m)
+        except asyncio.CancelledError:  # the client went away
+            gen.cancel()
+            raise
         n_prompt = len(server.pipe.collator.prompt_ids(sample))
         n_out = len(server.pipe.tokenizer(answer)["input_ids"]) if answer else 0
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
@@ -355,27 +358,37 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
             raise RequestError(404, f"model {name!r} is not served here; the CLIP is {server.clip_name!r}",
                                "model_not_found")
 
+    async def clip_call(item: dict):
+        try:
+            fut = server.clip_batcher.submit(item)
+        except QueueFull:
+            raise RequestError(503, "server busy: the request queue is full, retry shortly", "overloaded") from None
+        try:
+            res = await asyncio.wait_for(asyncio.wrap_future(fut), cfg.timeout_s)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise RequestError(504, f"the CLIP took longer than {cfg.timeout_s:.0f} s", "timeout") from None
+        if isinstance(res, RequestError):
+            raise res
+        return res
+
     @app.post("/v1/zero-shot")
     async def zero_shot_ep(req: ZeroShotRequest):
         from medvl.errors import MedvlUserError
-        from medvl.eval.zero_shot import zero_shot
+        from medvl.eval.zero_shot import check_labels
         need_clip(req.model)
         if len(req.labels) > cfg.max_labels:
             raise RequestError(400, f"at most {cfg.max_labels} labels")
-        media, _ = server.store.decode(req.image)
         try:
-            def run():
-                with server.lock:
-                    return zero_shot(server.clip, [media.array], req.labels, window=req.window)
-            res = await asyncio.wait_for(asyncio.to_thread(run), cfg.timeout_s)
+            labels = check_labels(req.labels)
         except MedvlUserError as e:
             raise RequestError(400, str(e)) from None
-        finally:
-            server.store.release(media)
-        probs = res["probs"][0].tolist()
+        media, img = server.store.decode(req.image)
+        server.store.release(media)
+        probs = await clip_call({"kind": "zero-shot", "image": img, "labels": labels, "window": req.window})
         order = sorted(range(len(probs)), key=lambda k: -probs[k])
-        return {"object": "zero_shot", "model": server.clip_name, "labels": res["labels"], "probs": probs,
-                "ranking": [{"label": res["labels"][k], "prob": probs[k]} for k in order]}
+        return {"object": "zero_shot", "model": server.clip_name, "labels": labels, "probs": probs,
+                "ranking": [{"label": labels[k], "prob": probs[k]} for k in order]}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
@@ -383,31 +396,20 @@ def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medcl
         items = [req.input] if isinstance(req.input, str) else list(req.input)
         if not items or len(items) > cfg.max_embedding_inputs:
             raise RequestError(400, f"input: 1 to {cfg.max_embedding_inputs} strings (text, or an image data URI)")
-        media = []
-        try:
-            vecs: list = [None] * len(items)
-            imgs = [(k, x) for k, x in enumerate(items) if isinstance(x, str) and x.startswith("data:")]
-            texts = [(k, x) for k, x in enumerate(items) if not (isinstance(x, str) and x.startswith("data:"))]
-            decoded = [(k, server.store.decode(x)[0]) for k, x in imgs]
-            media = [m for _, m in decoded]
-
-            def run():
-                import torch
-                with server.lock, torch.no_grad():
-                    if texts:
-                        e = server.clip.encode_text([x for _, x in texts]).float()
-                        for (k, _), v in zip(texts, e):
-                            vecs[k] = v.tolist()
-                    if decoded:
-                        px = torch.stack([server.clip.preprocess(m.array) for _, m in decoded])
-                        e = server.clip.encode_image(px).float()
-                        for (k, _), v in zip(decoded, e):
-                            vecs[k] = v.tolist()
-            await asyncio.wait_for(asyncio.to_thread(run), cfg.timeout_s)
-        finally:
-            for m in media:
-                server.store.release(m)
-        n_tok = sum(len(x.split()) for _, x in texts)
+        is_img = [isinstance(x, str) and x.startswith("data:") for x in items]
+        if any(not x.strip() for x, im in zip(items, is_img) if not im):
+            raise RequestError(400, "input: empty text")
+        images = []
+        for x, im in zip(items, is_img):
+            if im:
+                media, img = server.store.decode(x)
+                server.store.release(media)
+                images.append(img)
+        texts = [x for x, im in zip(items, is_img) if not im]
+        got = await clip_call({"kind": "embed", "texts": texts, "images": images})
+        it_t, it_i = iter(got["texts"]), iter(got["images"])
+        vecs = [next(it_i) if im else next(it_t) for im in is_img]
+        n_tok = sum(len(x.split()) for x in texts)
         if req.encoding_format == "base64":  # what the openai client asks for: little-endian float32
             import base64
 
@@ -473,8 +475,10 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
-async def _stream(server: Server, sample, media, settings, cid: str, created: int, model: str, timeout: float):
-    """Server-sent events in OpenAI's chat.completion.chunk format; the text arrives as deltas."""
+def _stream(server: Server, sample, media, settings, cid: str, created: int, model: str, timeout: float):
+    """Server-sent events in OpenAI's chat.completion.chunk format; the text arrives as deltas.
+    The request is a row of the running decode; if the client goes away (the generator is
+    closed or cancelled), the row is cancelled and leaves the batch at the next step."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     sent = ""
@@ -482,35 +486,43 @@ async def _stream(server: Server, sample, media, settings, cid: str, created: in
     def emit(text: str) -> None:
         loop.call_soon_threadsafe(q.put_nowait, ("text", text))
 
-    def work() -> None:
-        try:
-            server.stream_tokens(sample, settings, emit)
-            loop.call_soon_threadsafe(q.put_nowait, ("done", None))
-        except Exception as e:
-            log.exception("stream failed")
-            loop.call_soon_threadsafe(q.put_nowait, ("error", str(e)))
+    def done(fut) -> None:
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        loop.call_soon_threadsafe(q.put_nowait, ("error", str(err)) if err else ("done", fut.result()))
+
+    gen = server.gen_request(sample, media, settings, on_text=emit)
+    for m in media:
+        server.store.release(m)
+    server.decoder.submit(gen)  # QueueFull reaches the endpoint before the response starts
+    gen.future.add_done_callback(done)
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        threading.Thread(target=work, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            kind, text = await asyncio.wait_for(q.get(), max(0.01, deadline - time.monotonic()))
-            if kind == "text":
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield chunk({"content": text[len(sent):]})
-                    sent = text
-                continue
-            if kind == "error":
-                yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
-            break
-        yield chunk({}, "stop")
-        yield "data: [DONE]\n\n"
-    except asyncio.TimeoutError:
-        yield "data: " + json.dumps({"error": {"message": "generation timed out", "type": "timeout"}}) + "\n\n"
-    finally:
-        for m in media:
-            server.store.release(m)
+
+    async def events():
+        nonlocal sent
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            deadline = time.monotonic() + timeout
+            while True:
+                kind, text = await asyncio.wait_for(q.get(), max(0.01, deadline - time.monotonic()))
+                if kind == "text":
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield chunk({"content": text[len(sent):]})
+                        sent = text
+                    continue
+                if kind == "error":
+                    log.error("stream failed: %s", text)
+                    yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) \
+                        + "\n\n"
+                break
+            yield chunk({}, "stop")
+            yield "data: [DONE]\n\n"
+        except asyncio.TimeoutError:
+            yield "data: " + json.dumps({"error": {"message": "generation timed out", "type": "timeout"}}) + "\n\n"
+        finally:  # normal end, timeout, or the client went away: the row leaves the batch
+            gen.cancel()
+    return events()

@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent requests become one generation call.
+"""Dynamic batching: concurrent requests become one call (the server's CLIP endpoints).
 
 A worker thread takes the first waiting request, then keeps collecting for at most
 ``wait_ms`` or until ``max_batch`` requests are in hand, runs ``run_batch`` once on them and
@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from medvl.generate.continuous import QueueFull  # one exception for every bounded queue of the server
 
-class QueueFull(Exception):
-    pass
+__all__ = ["Batcher", "QueueFull"]
 
 
 class Batcher:
