@@ -1,24 +1,44 @@
-"""Load test of `medvl serve` on loopback: batching on vs one request at a time, same model, same run.
+"""Load test of `medvl serve` on loopback: continuous batching vs one request at a time, same
+server build, same run — closed-loop clients, open-loop Poisson arrivals, zero-shot, memory.
 
-    python benchmarks/bench_serve.py [--requests 256] [--memory-requests 1000]
+    python benchmarks/bench_serve.py [--requests 256] [--memory-requests 10000]
+                                     [--baseline-src PATH] [--pin]
 
-The server runs in its own process (``medvl serve --model medvl-vqarad-small --clip ''``),
-started twice: ``--max-batch 32`` (dynamic batching, 10 ms window) and ``--max-batch 1``
-(one request at a time). Clients are threads with one keep-alive ``httpx`` connection each,
-sending VQA-RAD test questions with their image as a JPEG data URI, greedy, ``max_tokens`` 8,
-through the OpenAI chat endpoint. Reported per server: answers/s with 16 concurrent clients,
-p50 / p99 latency at 1 and at 16 clients, the error count, and the server's resident memory
-(VmRSS from /proc) every 100 requests over ``--memory-requests`` requests (16 clients,
-batching on) — flat memory means no leak per request (uploads are deleted, caches bounded).
-Counts and time are bounded: each phase stops at its request count or after 300 s.
+Each server runs in its own process (``medvl serve --model medvl-vqarad-small --clip
+medclip-r10t-minilm``), started as ``--max-batch 32`` (continuous batching) and
+``--max-batch 1`` (one request at a time: the same code with one row in flight and CLIP
+batches of one). ``--baseline-src PATH`` adds a third server started from another checkout
+of medvl (e.g. ``git worktree add /tmp/medvl-old <commit>``), to compare with an earlier
+build side by side.
+
+Chat requests are VQA-RAD test questions with their image as a JPEG data URI, greedy,
+``max_tokens`` 8, through the OpenAI chat endpoint, in test-set order (so consecutive
+questions often share an image, as a radiologist asks several about one study).
+
+* closed loop: N client threads, one keep-alive connection each, a new request as soon as
+  the previous answer arrives; answers/s, p50 / p99 latency, errors; at 1 and 16 clients.
+* open loop: requests sent at Poisson-distributed times at a set rate, whatever the server's
+  state (a client never waits for an answer before sending the next), at rising rates until
+  p99 passes ``--p99-limit`` or errors appear; latency counts from the scheduled send time.
+* zero-shot: 16 closed-loop clients on ``/v1/zero-shot`` with the three organ labels.
+* memory: the server's VmRSS every 500 requests over ``--memory-requests`` chat requests at
+  16 clients (continuous server only).
+
+With ``--pin`` the server runs on CPU 1 and the load generator on CPU 0 (``taskset``; torch
+gets one thread) — each side has one core and cannot steal the other's; without it both
+float over the 2 cores (the server's torch uses 2 threads). Results go to
+``benchmarks/results/serve.json`` and the latency plot to ``docs/img/serve_latency.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
+import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -27,6 +47,8 @@ import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,21 +56,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(max_batch: int, tower: str = "fp32", wait_ms: float = 10.0) -> tuple[subprocess.Popen, str]:
+def start(max_batch: int, src: Path | None = None, pin: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "medvl.cli", "serve", "--model", "medvl-vqarad-small", "--clip", "",
-                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "256",
-                             "--tower-precision", tower, "--batch-wait-ms", str(wait_ms)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    cmd = [sys.executable, "-m", "medvl.cli", "serve", "--model", "medvl-vqarad-small", "--clip", "medclip-r10t-minilm",
+           "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "512"]
+    if pin:
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = ["taskset", "-c", "1"] + cmd
+    proc = subprocess.Popen(cmd, env=env, cwd=str(src or ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(900):
         try:
             if httpx.get(url + "/ready", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
+        if proc.poll() is not None:
+            break
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("server did not start")
@@ -61,7 +89,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def bodies() -> list[dict]:
+def chat_bodies() -> list[dict]:
     from medvl.data.bundled import load_bundled
     out = []
     for s in load_bundled("vqa-rad", "test"):
@@ -73,11 +101,32 @@ def bodies() -> list[dict]:
     return out
 
 
-def load(url: str, reqs: list[dict], clients: int, n: int, on_done=None, limit_s: float = 300.0) -> dict:
+def zero_shot_bodies() -> list[dict]:
+    from medvl.data.bundled import load_bundled
+    seen, out = set(), []
+    for s in load_bundled("vqa-rad", "test"):
+        p = s.images[0].path
+        if p not in seen:
+            seen.add(p)
+            out.append({"image": "data:image/jpeg;base64," + base64.b64encode(Path(p).read_bytes()).decode(),
+                        "labels": ["head", "chest", "abdomen"]})
+    return out
+
+
+def summarise(lat: list[float], errors: int, wall: float, **extra) -> dict:
+    lat = sorted(lat)
+    if not lat:
+        return {"requests": 0, "errors": errors, **extra}
+    return {"requests": len(lat), "errors": errors, "answers_per_s": (len(lat) - errors) / wall,
+            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            **extra}
+
+
+def closed_loop(url: str, path: str, reqs: list[dict], clients: int, n: int, on_done=None,
+                limit_s: float = 300.0) -> dict:
     import httpx
     lat: list[float] = []
-    errors = [0]
-    counter = [0]
+    errors, counter = [0], [0]
     lock = threading.Lock()
     t_end = time.monotonic() + limit_s
 
@@ -91,13 +140,11 @@ def load(url: str, reqs: list[dict], clients: int, n: int, on_done=None, limit_s
                     counter[0] += 1
                 t0 = time.perf_counter()
                 try:
-                    r = c.post(url + "/v1/chat/completions", json=reqs[k % len(reqs)])
-                    ok = r.status_code == 200
+                    ok = c.post(url + path, json=reqs[k % len(reqs)]).status_code == 200
                 except httpx.HTTPError:
                     ok = False
-                dt = time.perf_counter() - t0
                 with lock:
-                    lat.append(dt)
+                    lat.append(time.perf_counter() - t0)
                     errors[0] += not ok
                     if on_done:
                         on_done(len(lat))
@@ -107,60 +154,161 @@ def load(url: str, reqs: list[dict], clients: int, n: int, on_done=None, limit_s
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    lat.sort()
-    return {"clients": clients, "requests": len(lat), "errors": errors[0], "answers_per_s": len(lat) / wall,
-            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+    return summarise(lat, errors[0], time.perf_counter() - t0, clients=clients)
+
+
+def open_loop(url: str, reqs: list[dict], rate: float, seconds: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate`` per second for ``seconds``; latency from the scheduled time."""
+    import httpx
+
+    async def run() -> dict:
+        rng = random.Random(seed)
+        lat: list[float] = []
+        errors = [0]
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+            async def one(k: int, at: float) -> None:
+                try:
+                    ok = (await c.post(url + "/v1/chat/completions", json=reqs[k % len(reqs)])).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                lat.append(time.perf_counter() - at)
+                errors[0] += not ok
+            tasks, t0, t, k = [], time.perf_counter(), 0.0, 0
+            while True:
+                t += rng.expovariate(rate)
+                if t > seconds:
+                    break
+                delay = t0 + t - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(k, t0 + t)))
+                k += 1
+            await asyncio.gather(*tasks)
+            return summarise(lat, errors[0], time.perf_counter() - t0, offered_per_s=rate)
+    return asyncio.run(run())
+
+
+def bench_server(name: str, url: str, proc, chat: list[dict], zs: list[dict], args) -> dict:
+    import httpx
+    closed_loop(url, "/v1/chat/completions", chat, 4, 32)  # warm-up
+    closed_loop(url, "/v1/zero-shot", zs, 4, 16)
+    out: dict = {}
+    out["c1"] = closed_loop(url, "/v1/chat/completions", chat, 1, min(64, args.requests))
+    before = httpx.get(url + "/ready").json()
+    out["c16"] = closed_loop(url, "/v1/chat/completions", chat, 16, args.requests)
+    after = httpx.get(url + "/ready").json()
+    if "chat" in after:  # this build's continuous decoder
+        b, a = before["chat"], after["chat"]
+        out["c16"]["mean_rows_per_step"] = (a["row_steps"] - b["row_steps"]) / max(1, a["steps"] - b["steps"])
+        out["vision_cache"] = a["vision_cache"]
+    out["zero_shot_c16"] = closed_loop(url, "/v1/zero-shot", zs, 16, args.requests)
+    out["zero_shot_c1"] = closed_loop(url, "/v1/zero-shot", zs, 1, min(64, args.requests))
+    out["open_loop"] = []
+    for rate in args.rates:
+        r = open_loop(url, chat, rate, args.open_seconds)
+        out["open_loop"].append(r)
+        print(f"  {name}: offered {rate:5.1f}/s -> {r.get('answers_per_s', 0):5.1f} answers/s, p50 "
+              f"{r.get('p50_ms', 0):7.1f} ms, p99 {r.get('p99_ms', 0):7.1f} ms, errors {r['errors']}", flush=True)
+        if r["errors"] or r.get("p99_ms", 0) > args.p99_limit:
+            break
+    out["rss_mb_end"] = rss_mb(proc.pid)
+    return out
+
+
+def plot(results: dict, png: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, r in results["servers"].items():
+        pts = [x for x in r["open_loop"] if x.get("requests")]
+        if not pts:
+            continue
+        off = [x["offered_per_s"] for x in pts]
+        ax1.plot(off, [x["p99_ms"] for x in pts], "o-", label=f"{name} p99")
+        ax1.plot(off, [x["p50_ms"] for x in pts], "o--", label=f"{name} p50", alpha=0.6)
+        ax2.plot(off, [x["answers_per_s"] for x in pts], "o-", label=name)
+    ax1.set_xlabel("offered load (requests/s, Poisson)")
+    ax1.set_ylabel("latency (ms)")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=7)
+    ax2.plot([0, max(results["rates"])], [0, max(results["rates"])], ":", color="0.6", label="= offered")
+    ax2.set_xlabel("offered load (requests/s)")
+    ax2.set_ylabel("answers/s")
+    ax2.legend(fontsize=7)
+    fig.suptitle("medvl serve, VQA-RAD chat with images, 2 CPU cores" + (" (server and load pinned apart)"
+                                                                         if results["pinned"] else ""), fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--memory-requests", type=int, default=1000)
-    ap.add_argument("--tower-precision", choices=["fp32", "bf16"], default="fp32", help="for both servers")
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="the batching window of the batched server")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve.json"))
+    ap.add_argument("--memory-requests", type=int, default=10_000)
+    ap.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 40, 60, 80, 120, 160])
+    ap.add_argument("--open-seconds", type=float, default=8.0, help="seconds of arrivals per open-loop rate")
+    ap.add_argument("--p99-limit", type=float, default=3000.0, help="stop raising the rate past this p99 (ms)")
+    ap.add_argument("--baseline-src", help="another medvl checkout to start a third server from")
+    ap.add_argument("--pin", action="store_true", help="server on CPU 1, load generator on CPU 0 (taskset)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "serve_latency.png"))
     args = ap.parse_args()
-    reqs = bodies()
-    results: dict = {"tower_precision": args.tower_precision}
-    for name, mb in (("batched", 32), ("one_at_a_time", 1)):
-        proc, url = start(mb, args.tower_precision, args.batch_wait_ms if mb > 1 else 0.0)
+    if args.pin:
+        if not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
+            raise SystemExit("--pin needs taskset and 2 CPUs")
+        os.sched_setaffinity(0, {0})
+    chat, zs = chat_bodies(), zero_shot_bodies()
+    results: dict = {"pinned": args.pin, "rates": args.rates, "servers": {}}
+    runs = [("continuous", 32, None), ("one_at_a_time", 1, None)]
+    if args.baseline_src:
+        runs.append(("windowed_baseline", 32, Path(args.baseline_src)))
+    for name, mb, src in runs:
+        print(f"{name}: starting", flush=True)
+        proc, url = start(mb, src, args.pin)
         try:
-            load(url, reqs, 4, 16)  # warm-up
-            import httpx
-            before = httpx.get(url + "/ready").json()
-            r16 = load(url, reqs, 16, args.requests)
-            after = httpx.get(url + "/ready").json()
-            if after["batches"] > before["batches"]:
-                r16["mean_batch"] = ((after["batched_requests"] - before["batched_requests"])
-                                     / (after["batches"] - before["batches"]))
-            r1 = load(url, reqs, 1, min(64, args.requests))
-            results[name] = {"c16": r16, "c1": r1}
-            if name == "batched":
+            results["servers"][name] = r = bench_server(name, url, proc, chat, zs, args)
+            if name == "continuous" and args.memory_requests:
                 mem = [(0, rss_mb(proc.pid))]
 
                 def sample(done: int) -> None:
-                    if done % 100 == 0:
+                    if done % 500 == 0:
                         mem.append((done, rss_mb(proc.pid)))
-                rm = load(url, reqs, 16, args.memory_requests, on_done=sample)
-                results["memory"] = {"requests": rm["requests"], "errors": rm["errors"], "rss_mb": mem}
+                rm = closed_loop(url, "/v1/chat/completions", chat, 16, args.memory_requests, on_done=sample,
+                                 limit_s=900)
+                r["memory"] = {"requests": rm["requests"], "errors": rm["errors"], "rss_mb": mem}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    b, s = results["batched"], results["one_at_a_time"]
-    results["throughput_ratio_16_clients"] = b["c16"]["answers_per_s"] / s["c16"]["answers_per_s"]
-    for name in ("batched", "one_at_a_time"):
-        for c in ("c1", "c16"):
-            r = results[name][c]
-            print(f"{name:<14} {r['clients']:>2} client(s): {r['answers_per_s']:6.1f} answers/s  p50 {r['p50_ms']:7.1f} ms  "
-                  f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']} of {r['requests']}"
-                  + (f"  mean batch {r['mean_batch']:.1f}" if "mean_batch" in r else ""))
-    m = results["memory"]
-    print(f"batching on vs one at a time, 16 clients: {results['throughput_ratio_16_clients']:.2f}x answers/s")
-    print(f"server RSS over {m['requests']} requests (errors {m['errors']}): "
-          + ", ".join(f"{n}: {v:.0f} MB" for n, v in m["rss_mb"]))
+    S = results["servers"]
+    c, o = S["continuous"], S["one_at_a_time"]
+    results["chat_ratio_16_clients"] = c["c16"]["answers_per_s"] / o["c16"]["answers_per_s"]
+    results["zero_shot_ratio_16_clients"] = c["zero_shot_c16"]["answers_per_s"] / o["zero_shot_c16"]["answers_per_s"]
+    for name, r in S.items():
+        for key in ("c1", "c16", "zero_shot_c1", "zero_shot_c16"):
+            x = r[key]
+            print(f"{name:<18} {key:<14} {x['answers_per_s']:7.1f}/s  p50 {x['p50_ms']:7.1f} ms  p99 {x['p99_ms']:7.1f} ms"
+                  f"  errors {x['errors']} of {x['requests']}"
+                  + (f"  rows/step {x['mean_rows_per_step']:.1f}" if "mean_rows_per_step" in x else ""))
+    print(f"continuous vs one at a time, 16 clients: chat {results['chat_ratio_16_clients']:.2f}x, "
+          f"zero-shot {results['zero_shot_ratio_16_clients']:.2f}x")
+    if "windowed_baseline" in S:
+        w = S["windowed_baseline"]
+        print(f"vs the baseline build at 16 clients: chat {c['c16']['answers_per_s'] / w['c16']['answers_per_s']:.2f}x, "
+              f"p99 {c['c16']['p99_ms']:.0f} vs {w['c16']['p99_ms']:.0f} ms")
+    if "memory" in c:
+        m = c["memory"]
+        print(f"server RSS over {m['requests']} requests (errors {m['errors']}): "
+              + ", ".join(f"{n}: {v:.0f}" for n, v in m["rss_mb"]) + " MB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
+    plot(results, Path(args.plot))
     return 0
 
 

@@ -35,17 +35,19 @@ def tiny_llava():
     return NativeVLM(LlavaForConditionalGeneration(cfg).eval(), proc)
 
 
-def tiny_qwen2vl():
+def tiny_qwen2vl(width: int = 64, seed: int = 0):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
     tok = _tok()
     tok.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
+    half = width // 8  # head_dim / 2 with 4 heads: the rotary sections must sum to it
+    mrope = [2, 3, 3] if width == 64 else [half - 2 * (half // 3), half // 3, half // 3]
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=width, num_heads=2, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -101,3 +103,115 @@ def test_predict_chat_and_load_work_on_a_native_folder(tmp_path, capsys):
                  str(tmp_path / "p.jsonl"), "--max-new-tokens", "2", "--batch-size", "64"]) == 0
     assert len({json.loads(x)["id"] for x in (tmp_path / "p.jsonl").read_text().splitlines()}) == 451
     assert main(["chat", "--model", str(tmp_path / "llava"), "--image", img, "--max-new-tokens", "2", "Which organ?"]) == 0
+
+
+def test_native_lora_trains_adapters_and_exports_merged_and_adapter(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from medvl.errors import MedvlUserError
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
+    tiny_qwen2vl().save(tmp_path / "q")
+    lora = {"r": 4, "alpha": 8, "target_modules": r".*\.(q_proj|v_proj)$", "export": "adapter"}
+    cfg = VLMTrainConfig(native=str(tmp_path / "q"), stage="sft", freeze={"llm": "lora"}, lora=lora, epochs=1,
+                         batch_size=4, precision="fp32", output_dir=str(tmp_path / "out"), warmup_steps=1)
+    res = train_vlm(cfg, load_bundled("vqa-rad", "train")[:8], progress=False)
+    n_llm = sum(p.numel() for n, p in NativeVLM.from_pretrained(tmp_path / "q").model.named_parameters()
+                if "language_model" in n)
+    assert res["trainable"]["vision"] == 0 and res["trainable"]["connector"] > 0
+    assert 0 < res["trainable"]["llm"] < n_llm / 10  # adapters only
+    back = NativeVLM.from_pretrained(tmp_path / "out" / "model")  # merged: a plain model
+    assert not any("lora" in k for k in back.model.state_dict())
+    assert len(back.generate(load_bundled("vqa-rad", "test")[:2], max_new_tokens=2)) == 2
+    peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "q")),
+                                     str(tmp_path / "out" / "adapter"))
+    assert any("lora_A" in k for k in peft.state_dict())
+    bad = VLMTrainConfig(native=str(tmp_path / "q"), freeze={"llm": "lora"}, lora={"target_modules": r".*\.nope$"},
+                         epochs=1, batch_size=4, precision="fp32", output_dir=str(tmp_path / "bad"))
+    with pytest.raises(MedvlUserError, match="match no Linear"):
+        train_vlm(bad, load_bundled("vqa-rad", "train")[:8], progress=False)
+
+
+def test_native_recipe_resumes_exactly(tmp_path):
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
+    tiny_llava().save(tmp_path / "llava")
+    train = load_bundled("vqa-rad", "train")[:8]
+
+    def cfg(out, **kw):
+        return VLMTrainConfig(native=str(tmp_path / "llava"), epochs=2, batch_size=4, precision="fp32",
+                              output_dir=str(tmp_path / out), warmup_steps=1, **kw)
+    a = train_vlm(cfg("a"), train, progress=False)
+    train_vlm(cfg("b", stop_after_steps=3), train, progress=False)  # stopped inside epoch 2
+    b = train_vlm(cfg("b"), train, progress=False)
+    assert a["steps"] == b["steps"] == 4
+    sa, sb = a["model"].model.state_dict(), b["model"].model.state_dict()
+    # equal to ~1e-9 (one float32 ulp): after reloading, the optimizer's state tensors sit at other addresses
+    # and the CPU kernels may vectorise their sums differently; two uninterrupted runs are bit-identical
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-7, rtol=0) for k in sa)
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_qwen2vl], ids=["llava", "qwen2-vl"])
+def test_native_answer_logits_give_the_models_own_loss(build):
+    from medvl.models.native import answer_logits
+    vlm = build()
+    batch = vlm.collate([vlm.encode(s) for s in load_bundled("vqa-rad", "train")[:3]])
+    with torch.no_grad():
+        logits, target = answer_logits(vlm.model, batch)
+        ref = vlm.model(**batch).loss
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, target), ref, atol=1e-5)
+
+
+def test_clinkd_native_teacher_live_and_cached(tmp_path):
+    """Qwen2-VL -> Qwen2-VL of another width over one tokenizer: live teacher, cached top-k teacher; a
+    teacher with another tokenizer is refused."""
+    from medvl.distill.teacher import cache_teacher
+    from medvl.errors import MedvlUserError
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
+    tiny_qwen2vl(width=96, seed=1).save(tmp_path / "teacher")
+    tiny_qwen2vl(width=64).save(tmp_path / "student")
+    train = load_bundled("vqa-rad", "train")[:8]
+
+    def cfg(out, distill):
+        return VLMTrainConfig(native=str(tmp_path / "student"), epochs=1, batch_size=4, precision="fp32",
+                              warmup_steps=1, log_every=1, output_dir=str(tmp_path / out),
+                              distill={"alpha": 0.5, "temperature": 0.5, **distill})
+    live = train_vlm(cfg("live", {"teacher": str(tmp_path / "teacher")}), train, progress=False)
+    assert live["steps"] == 2 and {"kd", "ce"} <= set(live["log"][-1]) and live["log"][-1]["kd"] > 0
+    info = cache_teacher(tmp_path / "teacher", train, tmp_path / "cache", topk=8, max_length=1024, progress=False)
+    assert info["samples"] == 8 and info["answer_tokens"] > 8
+    cached = train_vlm(cfg("cached", {"teacher_cache": str(tmp_path / "cache")}), train, progress=False)
+    assert cached["steps"] == 2 and cached["log"][-1]["kd"] > 0
+    tiny_llava().save(tmp_path / "other")  # a tokenizer without Qwen2-VL's vision tokens
+    with pytest.raises(MedvlUserError, match="tokenizer differs"):
+        train_vlm(cfg("bad", {"teacher": str(tmp_path / "other")}), train, progress=False)
+
+
+def test_clinkd_qwen2vl_recipe_runs_on_tiny_configs(tmp_path, capsys):
+    """recipes/clinkd-qwen2vl.yaml (the published setting with hub ids), pointed at tiny local models and a
+    ShareGPT file; then SASG and pseudo-labels with the native models."""
+    import json
+    from pathlib import Path
+
+    from medvl.cli import main
+    from medvl.data.schema import write_jsonl
+    from medvl.distill.pseudo import pseudo_label
+    tiny_qwen2vl(width=96, seed=1).save(tmp_path / "teacher")
+    tiny_qwen2vl(width=64).save(tmp_path / "student")
+    write_jsonl(load_bundled("vqa-rad", "train")[:8], tmp_path / "d.jsonl")
+    assert main(["data", "convert", "--from", "medvl", "--to", "sharegpt", str(tmp_path / "d.jsonl"),
+                 str(tmp_path / "bird.json")]) == 0
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "clinkd-qwen2vl.yaml")
+    code = main(["train", recipe, f"native={tmp_path / 'student'}", f"distill.teacher={tmp_path / 'teacher'}",
+                 f"data.path={tmp_path / 'bird.json'}", f"output_dir={tmp_path / 'run'}", "batch_size=4",
+                 "grad_accum=1", "warmup_steps=1", "precision=fp32", "max_length=1024"])
+    assert code == 0, capsys.readouterr().err
+    model = tmp_path / "run" / "model"
+    assert json.loads((model / "config.json").read_text())["medvl_position_gap"] == 1
+    out = tmp_path / "sasg.jsonl"
+    assert main(["predict", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--out", str(out), "--sasg", "3",
+                 "--max-new-tokens", "3"]) == 0
+    assert len(out.read_text().splitlines()) == 8
+    kept, rep = pseudo_label(tmp_path / "teacher", load_bundled("vqa-rad", "train")[:4], max_new_tokens=3,
+                             progress=False)
+    assert rep["questions"] == 4 and rep["kept"] + rep["empty_answer"] == 4

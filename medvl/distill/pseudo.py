@@ -25,22 +25,21 @@ def pseudo_label(teacher, samples: Sequence[Sample], *, min_confidence: float = 
     import torch
 
     from medvl.eval.vqa import normalise_answer
-    from medvl.generate.batched import generate_answers
-    from medvl.generate.pipeline import VLMPipeline
+    from medvl.generate.pipeline import NativePipeline, VLMPipeline, load
 
-    pipe = teacher if isinstance(teacher, VLMPipeline) else VLMPipeline(teacher)
+    # a composed or a native teacher (a folder, a shipped name, or an already loaded pipeline)
+    pipe = teacher if isinstance(teacher, (VLMPipeline, NativePipeline)) else load(teacher)
     questions = [replace(s, conversation=list(s.conversation[:-1]) if s.conversation and
                          s.conversation[-1].role == "assistant" else list(s.conversation)) for s in samples]
-    greedy = {sid: (ans, conf) for sid, ans, conf in generate_answers(
-        pipe.model, pipe.collator, questions, pipe.image_fn, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        progress=progress, with_confidence=True)}
+    greedy = {sid: (ans, conf) for sid, ans, conf in pipe.answers(
+        questions, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, with_confidence=True)}
     agree: dict[str, float] = {}
     if agreement > 0:
         torch.manual_seed(seed)
         expanded = [replace(q, id=f"{q.id}\x00{k}") for q in questions for k in range(agreement)]
         votes: dict[str, int] = {}
-        for eid, ans in generate_answers(pipe.model, pipe.collator, expanded, pipe.image_fn, batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0):
+        for eid, ans in pipe.answers(expanded, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=True,
+                                     temperature=1.0):
             sid = eid.rpartition("\x00")[0]
             votes[sid] = votes.get(sid, 0) + int(normalise_answer(ans) == normalise_answer(greedy[sid][0]))
         agree = {sid: votes.get(sid, 0) / agreement for sid in greedy}

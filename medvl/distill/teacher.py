@@ -9,6 +9,8 @@ number of image tokens, and the answer tokens (identical ids) line up.
 * :class:`LiveTeacher` — any composed VLM medvl loads (it may be larger, and on another
   device: its logits come back to the student's). Frozen, eval mode, no gradient; its
   vision tokens are computed once per distinct image.
+* :class:`NativeTeacher` — a native Hugging Face VLM (Qwen2-VL-7B teaching Qwen2-VL-2B, as in
+  ClinKD), encoding with its own processor.
 * :class:`CachedTeacher` — a folder written by :func:`cache_teacher` (``medvl distill
   cache-teacher``): per answer token the k largest teacher logits (fp16) and their ids
   (int32), with the teacher's tokenizer. k = 32 over a 150k vocabulary stores 192 bytes per
@@ -66,6 +68,9 @@ class LiveTeacher:
                         self.vision_cache[m.path] = self.model.vision(load(Media(m.path))[None].to(self.device))[0]
         return lost
 
+    def n_answer_tokens(self, sid: str) -> int:
+        return sum(1 for y in self.encoded[sid].labels[1:] if y != -100)
+
     @torch.no_grad()
     def rows(self, ids: Sequence[str]) -> torch.Tensor | TopK:
         """Teacher logits at the answer positions of these samples, in order: [N, V] (or TopK)."""
@@ -87,6 +92,72 @@ class LiveTeacher:
             self.missing_mass.append(float(topk_missing_mass(logits, self.topk)))
             return topk_of(logits, self.topk)
         return logits
+
+
+class NativeTeacher:
+    """A native Hugging Face VLM as a live teacher (e.g. Qwen2-VL-7B for a Qwen2-VL-2B student):
+    frozen, eval mode; it encodes each sample with its own processor (its own image-token
+    count), and hands back its logits at the answer positions
+    (:func:`medvl.models.native.answer_logits`)."""
+
+    def __init__(self, path: str | Path, max_length: int, device: str = "cpu", topk: int = 0,
+                 precision: str = "bf16"):
+        from medvl.models.native import NativeVLM
+        self.vlm = NativeVLM.from_pretrained(path, max_length=max_length)
+        self.vlm.model.to(device).eval()
+        for p in self.vlm.model.parameters():
+            p.requires_grad = False
+        self.tokenizer = self.vlm.tok
+        self.device, self.topk, self.precision = device, topk, precision
+        self.encoded: dict = {}
+        self.missing_mass: list[float] = []
+
+    def prepare(self, samples: Sequence) -> set[str]:
+        lost = set()
+        for s in samples:
+            e = self.vlm.encode(s)
+            if e is None:
+                lost.add(s.id)
+            else:
+                self.encoded[s.id] = e
+        return lost
+
+    def n_answer_tokens(self, sid: str) -> int:
+        from medvl.models.native import answer_token_count
+        return answer_token_count(self.encoded[sid])
+
+    @torch.no_grad()
+    def rows(self, ids: Sequence[str]) -> torch.Tensor | TopK:
+        from medvl.models.native import answer_logits
+        batch = {k: v.to(self.device) for k, v in self.vlm.collate([self.encoded[i] for i in ids]).items()}
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits, _ = answer_logits(self.vlm.model, batch)  # [N, V]
+        logits = logits.float().cpu()
+        if self.topk:
+            self.missing_mass.append(float(topk_missing_mass(logits, self.topk)))
+            return topk_of(logits, self.topk)
+        return logits
+
+
+def is_native_folder(path: str | Path) -> bool:
+    """A Hugging Face VLM folder (anything whose config is not a composed medvl VLM's)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return True  # a hub id: native models are the ones that come from the hub
+    return json.loads(cfg.read_text()).get("model_type") != "medvl_vlm"
+
+
+def live_teacher(path: str | Path, max_length: int, device: str = "cpu", topk: int = 0, precision: str = "bf16"):
+    """The live teacher for a composed VLM folder or shipped name, or a native folder or hub id."""
+    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
+    try:
+        folder = resolve_model_path(path)
+    except MedvlUserError:
+        folder = None  # not a local folder: a hub id, loaded as a native model
+    if folder is not None and not is_native_folder(folder):
+        return LiveTeacher(folder, load_model_tokenizer(folder), max_length, device=device, topk=topk,
+                           precision=precision)
+    return NativeTeacher(folder or path, max_length, device=device, topk=topk, precision=precision)
 
 
 class CachedTeacher:
@@ -117,10 +188,8 @@ def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
-    path = resolve_model_path(teacher)
-    tok = load_model_tokenizer(path)
-    live = LiveTeacher(path, tok, max_length, topk=topk)
+    live = live_teacher(teacher, max_length, topk=topk)
+    tok = live.tokenizer
     lost = live.prepare(samples)
     ids = [s.id for s in samples if s.id not in lost]
     if len(set(ids)) != len(ids):
@@ -132,7 +201,7 @@ def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk:
         values.append(rows.values)
         indices.append(rows.indices)
         for i in chunk:  # rows per sample = answer tokens after the shift
-            offsets.append(offsets[-1] + sum(1 for y in live.encoded[i].labels[1:] if y != -100))
+            offsets.append(offsets[-1] + live.n_answer_tokens(i))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous(),
@@ -164,7 +233,5 @@ def make_teacher(distill: dict, max_length: int, precision: str = "bf16"):
                      beta=float(d.get("beta", 0.5)), vocab=d.get("vocab", "error"))
     if d.get("teacher_cache"):
         return CachedTeacher(d["teacher_cache"]), kd
-    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
-    path = resolve_model_path(d["teacher"])
-    return LiveTeacher(path, load_model_tokenizer(path), max_length, device=d.get("device", "cpu"),
-                       topk=int(d.get("topk", 0)), precision=precision), kd
+    return live_teacher(d["teacher"], max_length, device=d.get("device", "cpu"), topk=int(d.get("topk", 0)),
+                        precision=precision), kd

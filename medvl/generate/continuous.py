@@ -2,7 +2,8 @@
 steps and leave the moment they finish.
 
 One worker thread owns the model. Each turn of its loop it (1) admits the requests waiting
-in a bounded queue, up to ``max_batch`` rows in flight, (2) prefills them together — the
+in a bounded queue, up to ``max_batch`` rows in flight — at once when nothing is running,
+otherwise every ``join_every`` decode steps (4), (2) prefills them together — the
 vision tower runs once per distinct image, through a content-addressed LRU cache of vision
 tokens bounded in bytes, then the LM over the left-padded prompts — and merges their KV
 cache into the running one, and (3) runs one decode step for every row. A row leaves at
@@ -107,9 +108,11 @@ class VisionCache:
 
 class ContinuousDecoder:
     def __init__(self, model, tokenizer, image_fn: Callable, *, max_batch: int = 32, max_queue: int = 64,
-                 cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32"):
+                 cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", join_every: int = 4):
         self.model, self.tok, self.image_fn = model, tokenizer, image_fn
         self.max_batch = max(1, max_batch)
+        self.join_every = max(1, join_every)
+        self._since_join = 0
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.vision_cache = VisionCache(cache_bytes)
         self.tower_precision = tower_precision
@@ -155,7 +158,12 @@ class ContinuousDecoder:
                     new.append(self.q.get(timeout=0.1))
                 except queue.Empty:
                     continue
-            while len(self.rows) + len(new) < self.max_batch:
+            # newcomers join between decode steps, at most every ``join_every`` steps while rows are
+            # running: a prefill costs several decode steps, so joining at every step would stretch
+            # long answers by one prefill per token (the tail latency); joining in groups also
+            # prefills more rows per call
+            can_join = not self.rows or self._since_join >= self.join_every
+            while can_join and len(self.rows) + len(new) < self.max_batch:
                 try:
                     new.append(self.q.get_nowait())
                 except queue.Empty:
@@ -164,8 +172,10 @@ class ContinuousDecoder:
             try:
                 if new:
                     self._prefill(new)
+                    self._since_join = 0
                 if self.rows:
                     self._step()
+                    self._since_join += 1
             except Exception as e:  # noqa: BLE001 - handed to every request in flight, the loop goes on
                 for r in new + self.rows:
                     if not r.future.done():

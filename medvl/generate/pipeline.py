@@ -57,6 +57,14 @@ class VLMPipeline:
         return next(generate_answers(self.model, self.collator, [s], self.image_fn, batch_size=1,
                                      max_new_tokens=max_new_tokens, **gen))[1]
 
+    def answers(self, samples: Sequence[Sample], batch_size: int = 32, max_new_tokens: int = 64,
+                progress: bool = False, with_confidence: bool = False, **gen):
+        """(id, answer) — or (id, answer, confidence) — per sample, batched."""
+        from medvl.generate.batched import generate_answers
+        return generate_answers(self.model, self.collator, samples, self.image_fn, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, progress=progress, with_confidence=with_confidence,
+                                **gen)
+
     def predict(self, samples: Sequence[Sample], out: str | Path, batch_size: int = 32,
                 max_new_tokens: int = 64, progress: bool = True, **gen) -> int:
         from medvl.generate.batched import predict_to_file
@@ -101,8 +109,27 @@ class NativePipeline:
                                                                            max_new_tokens=max_new_tokens, **gen))
         return append_predictions(out, samples, answer)
 
-    def predict_sasg(self, *a, **k) -> int:
-        raise MedvlUserError("SASG runs on composed medvl VLMs; for a native model use sampling (--sample)")
+    def answers(self, samples: Sequence[Sample], batch_size: int = 16, max_new_tokens: int = 64,
+                progress: bool = False, with_confidence: bool = False, tower_precision: str = "fp32", **gen):
+        """(id, answer) — or (id, answer, confidence) — per sample, batched through the model's generate."""
+        from tqdm.auto import tqdm
+        for i in tqdm(range(0, len(samples), batch_size), desc="generating", unit="batch", disable=not progress):
+            chunk = samples[i:i + batch_size]
+            got = self.native.generate(chunk, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       with_confidence=with_confidence, **gen)
+            for s, g in zip(chunk, got):
+                yield (s.id, *g) if with_confidence else (s.id, g)
+
+    def predict_sasg(self, samples: Sequence[Sample], out: str | Path, n: int = 5, temperature: float = 0.7,
+                     top_p: float = 0.9, seed: int = 0, progress: bool = True, batch_size: int = 16,
+                     max_new_tokens: int = 64, **gen) -> int:
+        """SASG on a native model: ``n`` sampled answers per question, the semantic consensus kept."""
+        from medvl.generate.batched import append_predictions
+        from medvl.generate.sasg import sasg_consensus
+        gen.pop("tower_precision", None)
+        return append_predictions(out, samples, lambda todo: sasg_consensus(todo, lambda expanded: self.answers(
+            expanded, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+            top_p=top_p, **gen), n=n, seed=seed))
 
 
 def load(path: str | Path) -> VLMPipeline | NativePipeline:

@@ -58,19 +58,26 @@ def select(candidates: Sequence[str], encoder: SentenceEncoder, reference: str |
 def sasg_answers(model, collator, samples: Sequence, image_fn: Callable, n: int = 5, temperature: float = 0.7,
                  top_p: float = 0.9, encoder: SentenceEncoder | None = None, seed: int = 0,
                  references: dict | None = None, **kw) -> Iterator[tuple[str, str]]:
-    """``(id, answer)`` per sample: N sampled candidates each, the semantic consensus kept.
-    Candidates of one question are generated in the same batches (the tower runs once per image)."""
-    from dataclasses import replace
-
+    """``(id, answer)`` per sample of a composed VLM: N sampled candidates each, the semantic consensus
+    kept. Candidates of one question are generated in the same batches (the tower runs once per image)."""
     from medvl.generate.batched import generate_answers
+    return sasg_consensus(samples, lambda expanded: generate_answers(
+        model, collator, expanded, image_fn, do_sample=True, temperature=temperature, top_p=top_p, **kw),
+        n=n, encoder=encoder, seed=seed, references=references)
+
+
+def sasg_consensus(samples: Sequence, sampler: Callable, n: int = 5, encoder: SentenceEncoder | None = None,
+                   seed: int = 0, references: dict | None = None) -> Iterator[tuple[str, str]]:
+    """SASG over any model: ``sampler(expanded samples)`` yields (id, sampled answer) for N copies of
+    each question (ids ``<id>\x00<k>``); the medoid of each question's candidates is yielded."""
+    from dataclasses import replace
     if n < 1:
         raise ValueError("SASG needs n >= 1 candidates")
     encoder = encoder or SentenceEncoder()
     torch.manual_seed(seed)
     expanded = [replace(s, id=f"{s.id}\x00{k}") for s in samples for k in range(n)]
     cands: dict[str, list[str]] = {s.id: [""] * n for s in samples}
-    for eid, ans in generate_answers(model, collator, expanded, image_fn, do_sample=True, temperature=temperature,
-                                     top_p=top_p, **kw):
+    for eid, ans in sampler(expanded):
         sid, _, k = eid.rpartition("\x00")
         cands[sid][int(k)] = ans
     for s in samples:

@@ -115,7 +115,8 @@ class NativeVLM:
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], batch_size: int = 16, max_new_tokens: int = 32,
-                 **gen: Any) -> list[str]:
+                 with_confidence: bool = False, **gen: Any) -> list:
+        """Answers (or, with ``with_confidence``, (answer, geometric-mean token probability) pairs)."""
         answers = []
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
@@ -124,9 +125,22 @@ class NativeVLM:
             self.tok.padding_side = "left"
             enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                                      **{"do_sample": False, **gen})
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
+                                      **{"do_sample": False, **gen}, output_scores=with_confidence,
+                                      return_dict_in_generate=True)
+            new = out.sequences[:, enc["input_ids"].shape[1]:]
+            texts = [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
+            if not with_confidence:
+                answers += texts
+                continue
+            # geometric-mean probability of the answer's tokens, its end-of-turn token included
+            logp = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1)  # [b, new, V]
+            chosen = logp.gather(-1, new[:, :logp.shape[1], None])[..., 0]  # [b, new]
+            stops = {t for t in ([self.model.generation_config.eos_token_id] if isinstance(
+                self.model.generation_config.eos_token_id, int) else (self.model.generation_config.eos_token_id or []))}
+            stops.add(self.tok.pad_token_id)
+            for k, row in enumerate(new.tolist()):
+                n = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+                answers.append((texts[k], float(chosen[k, :n].mean().exp()) if n else 0.0))
         return answers
 
 
@@ -138,3 +152,26 @@ def module_of(name: str) -> str:
         return "vision"
     return "llm"
 
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A native VLM's logits only at the positions that predict an answer token ([N, V]) and those
+    tokens ([N]): the inner model's hidden states, then the LM head on the selected rows — never
+    the [B, T, vocab] logits of the prompt and image tokens (a 151k-word vocabulary makes those
+    the largest tensor of a step). Works through a peft wrapper (the adapters sit inside)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    target = batch["labels"][:, 1:]
+    sel = target != IGNORE  # [B, T-1]
+    inner = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if inner is None or head is None:  # no separable head: full logits, then select
+        logits = base(**inputs, use_cache=False).logits
+        return logits[:, :-1][sel], target[sel]
+    h = inner(**inputs, use_cache=False).last_hidden_state  # [B, T, D]
+    return head(h[:, :-1][sel]), target[sel]  # [N, V], [N]
+
+
+def answer_token_count(encoded: dict[str, torch.Tensor]) -> int:
+    """Answer tokens of one encoded sample after the shift (the rows it gives the KD loss)."""
+    return int((encoded["labels"][0, 1:] != IGNORE).sum())

@@ -63,16 +63,44 @@ def merge_composed(model, policy: dict[str, str]) -> None:
             setattr(model, name, getattr(model, name).merge_and_unload())
 
 
-def apply_native(model, policy: dict[str, str]) -> dict[str, int]:
-    """frozen / full per module of a native HF VLM, by parameter names (LoRA on native models is
-    not wired yet); returns the trainable parameter count per module."""
+def apply_native(model, policy: dict[str, str], lora: dict | None = None):
+    """frozen / full / lora per module of a native HF VLM, by parameter names
+    (:func:`medvl.models.native.module_of`). LoRA adapters go on the Linear layers of the ``lora``
+    modules whose full name matches ``lora.target_modules`` (a regex, or a list of exact names);
+    one peft wrapper covers every such module, and ``full`` modules stay trainable beside it.
+    Returns (the model — peft-wrapped when LoRA is on —, trainable parameter count per module)."""
+    import re
+
+    from torch import nn
+
     from medvl.models.native import module_of
+    for name, p in model.named_parameters():
+        p.requires_grad = policy.get(module_of(name), "full") == "full"
+    parts = sorted(m for m in MODULES if policy.get(m) == "lora")
+    if parts:
+        lora = dict(lora or {})
+        spec = lora.get("target_modules") or r".*\.(q_proj|k_proj|v_proj|o_proj)$"
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and module_of(n) in parts]
+        if isinstance(spec, str):
+            targets = [n for n in linears if re.fullmatch(spec, n)]
+        else:
+            targets = [n for n in linears if n in set(spec) or n.rsplit(".", 1)[-1] in set(spec)]
+        if not targets:
+            examples = ", ".join(linears[:4]) or "none"
+            raise MedvlUserError(f"LoRA on {'/'.join(parts)}: target_modules {spec!r} match no Linear layer of this "
+                                 f"native model (its Linear layers there are named like: {examples})")
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise MedvlUserError("LoRA needs peft: pip install 'medvl[train]'") from None
+        full = {n for n, p in model.named_parameters() if p.requires_grad}
+        model = get_peft_model(model, LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+                                                 lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets))
+        for n, p in model.named_parameters():  # peft froze everything but the adapters: thaw the full modules
+            if n.removeprefix("base_model.model.") in full:
+                p.requires_grad = True
     counts = {"vision": 0, "connector": 0, "llm": 0}
     for name, p in model.named_parameters():
-        part = module_of(name)
-        mode = policy.get(part, "full")
-        if mode == "lora":
-            raise MedvlUserError("LoRA on native VLMs is not supported yet; use frozen or full")
-        p.requires_grad = mode == "full"
-        counts[part] += p.numel() if p.requires_grad else 0
-    return counts
+        if p.requires_grad:
+            counts[module_of(name)] += p.numel()
+    return model, counts

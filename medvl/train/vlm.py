@@ -50,7 +50,9 @@ class VLMTrainConfig(TrainerConfig):
     """per-module overrides of the stage's policy: {vision|connector|llm: frozen|full|lora}"""
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05,
                                                 "target_modules": r".*\.(q_proj|k_proj|v_proj|o_proj)$"})
-    """LoRA settings for modules whose policy is 'lora' (peft); adapters are merged at export"""
+    """LoRA settings for modules whose policy is 'lora' (peft): r, alpha, dropout, target_modules (a regex over
+    full module names, or a list of names); adapters are merged at export (native models: export: adapter also
+    writes the peft adapter)"""
     question_only: bool = False
     """drop the images (and their placeholders): the language-prior baseline"""
     max_length: int = 128
@@ -73,6 +75,8 @@ class VLMTrainConfig(TrainerConfig):
     task: vqa|grounding, f1_threshold: 0.5, semantic_threshold: 0.0}; empty = off"""
     init_from: str = ""
     """start from this VLM folder's weights and tokenizer (a previous stage or round) instead of a new model"""
+    gradient_checkpointing: bool = False
+    """recompute the LM's activations during backward: much less activation memory for ~30% more compute"""
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
@@ -87,29 +91,6 @@ def load_init(cfg: VLMTrainConfig):
     if cfg.position_gap != getattr(model.config, "position_gap", 0):
         model.config.position_gap = cfg.position_gap
     return model, load_model_tokenizer(path)
-
-
-def build_model_and_tokenizer(cfg: VLMTrainConfig, texts: list[str], tokenizer=None):
-    from medvl.models.tokenizers import build_bpe_tokenizer
-    from medvl.models.vlm import MedVLM, MedVLMConfig
-
-    if "source" in cfg.llm:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(cfg.llm["source"])
-        if "<image>" not in tok.get_vocab():
-            tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, llm_source=cfg.llm["source"],
-                            image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=cfg.position_gap)
-        model = MedVLM(mcfg)
-        model.llm.resize_token_embeddings(len(tok))
-    else:
-        tok = tokenizer if tokenizer is not None else build_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
-        tc = dict(cfg.llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=tok.bos_token_id)
-        mcfg = MedVLMConfig(vision=cfg.vision, connector=cfg.connector, text_config=tc,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=cfg.position_gap)
-        model = MedVLM(mcfg)
-    return model, tok
 
 
 class _Step(torch.nn.Module):
@@ -167,8 +148,12 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
     if cfg.init_from:
         model, tok = load_init(cfg)
     else:  # the BPE training is deterministic, so a resume rebuilds the same vocabulary
-        model, tok = build_model_and_tokenizer(cfg, texts, teacher.tokenizer if teacher else None)
+        from medvl.models.build import build_composed
+        model, tok = build_composed(cfg.vision, cfg.connector, cfg.llm, texts, vocab_size=cfg.vocab_size,
+                                    position_gap=cfg.position_gap, tokenizer=teacher.tokenizer if teacher else None)
     apply_composed(model, policy, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     collator = VLMCollator(tok, tokens_per_image=model.tokens_per_image, max_length=cfg.max_length)
     encoded = [e for e in (collator.encode(s) for s in samples) if e is not None]
     if teacher is not None:  # the teacher encodes the same samples with its own image-token count
@@ -264,9 +249,13 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         return out_model
 
     n_llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed" not in n)
+    from medvl.train.engine.memory import transformer_activations
+    lc = model.llm.config
+    act = transformer_activations(cfg.batch_size * cfg.max_length, lc.hidden_size, lc.num_hidden_layers,
+                                  cfg.gradient_checkpointing)
     layers = getattr(getattr(model.llm, "model", None), "layers", None) or []
     return {"module": step_module, "shard_units": list(layers), "steps": steps, "plan": plan, "step": step,
-            "flops_per_token": 6.0 * n_llm, "export": export, "model": model, "tokenizer": tok,
+            "flops_per_token": 6.0 * n_llm, "export": export, "model": model, "tokenizer": tok, "activation_bytes": act,
             "collator": collator, "dropped": collator.stats.dropped,
             "after_train_mode": model.vision.eval if frozen else None}  # a frozen tower stays in eval mode
 
@@ -285,7 +274,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, nati
         job = prepare_native(cfg, samples, policy, engine, native_model)
     else:
         job = _prepare_composed(cfg, samples, policy, engine)
-    engine.setup(job["module"], shard_units=job["shard_units"])
+    engine.setup(job["module"], shard_units=job["shard_units"], activation_bytes=job.get("activation_bytes", 0.0))
     res = engine.fit(steps_per_epoch=job["steps"], plan=job["plan"], step=job["step"],
                      flops_per_token=job["flops_per_token"], after_train_mode=job.get("after_train_mode"),
                      desc=f"vlm {cfg.stage}{' (question only)' if cfg.question_only else ''}")

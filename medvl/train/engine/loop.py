@@ -98,10 +98,20 @@ class Engine:
         return x
 
     def setup(self, module: nn.Module, *, shard_units: Sequence[nn.Module] = (),
-              param_groups: Callable[[nn.Module], list] | None = None) -> nn.Module:
+              param_groups: Callable[[nn.Module], list] | None = None, activation_bytes: float = 0.0) -> nn.Module:
         """Move the step module to the device, wrap it for the distribution mode and build AdamW
         over its trainable parameters (``param_groups(module)`` for custom groups, called after
-        wrapping: FSDP replaces parameters by their shards)."""
+        wrapping: FSDP replaces parameters by their shards). Prints the memory estimate first
+        (:mod:`.memory`; ``activation_bytes`` from the recipe, per micro-batch)."""
+        import medvl.train.engine.memory as memory
+        self.memory = memory.estimate(module, world=self.world, mode=self.cfg.distributed,
+                                      sharding=self.cfg.fsdp_sharding, activations=activation_bytes)
+        if self.progress:
+            have = memory.device_memory(self.device)
+            print(f"{self.name}: {self.memory.line()}" + (f"; this GPU has {have / memory.GB:.1f} GB" if have else ""))
+            if have and self.memory.total > 0.9 * have:
+                print(f"{self.name}: warning: that is over 90% of the GPU; " +
+                      memory.oom_advice(self.cfg, self.memory, 0).split("; try: ", 1)[1])
         module = module.to(self.device)
         self.module = dist.wrap(module, self.cfg.distributed, self.world, shard_units, self.cfg.fsdp_sharding,
                                 self.device)
@@ -178,7 +188,7 @@ class Engine:
                 count = flops_per_token is None and flops_per_sample is None
                 counter = _flop_counter() if count else contextlib.nullcontext()
                 losses, parts, n_s, n_t = [], {}, 0, 0
-                with counter:
+                with counter, self._oom_guard(pos["step"]):
                     for i, mb in enumerate(micro):
                         with dist.no_sync(module, cfg.distributed, self.world, skip=i < len(micro) - 1):
                             with self.autocast():
@@ -232,6 +242,15 @@ class Engine:
         return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": time.perf_counter() - t0 + first[0],
                 "log": logger.records, "last": last, "samples_per_s": ns / el, "tokens_per_s": nt / el,
                 "resumed": resumed, "finished": pos["step"] >= total}
+
+    @contextlib.contextmanager
+    def _oom_guard(self, step: int):
+        """A CUDA out-of-memory error becomes one message that says which knob to turn."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:
+            from medvl.train.engine.memory import oom_advice
+            raise MedvlUserError(oom_advice(self.cfg, getattr(self, "memory", None), step)) from None
 
     def _gens(self) -> dict[str, torch.Generator]:
         return {"plan": self.plan_gen, "rank": self.rank_gen}
