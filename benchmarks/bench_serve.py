@@ -224,14 +224,14 @@ def plot(results: dict, png: Path) -> None:
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, r in results["servers"].items():
+    for k, (name, r) in enumerate(results["servers"].items()):
         pts = [x for x in r["open_loop"] if x.get("requests")]
         if not pts:
             continue
-        off = [x["offered_per_s"] for x in pts]
-        ax1.plot(off, [x["p99_ms"] for x in pts], "o-", label=f"{name} p99")
-        ax1.plot(off, [x["p50_ms"] for x in pts], "o--", label=f"{name} p50", alpha=0.6)
-        ax2.plot(off, [x["answers_per_s"] for x in pts], "o-", label=name)
+        off, color = [x["offered_per_s"] for x in pts], f"C{k}"
+        ax1.plot(off, [x["p99_ms"] for x in pts], "o-", color=color, label=f"{name} p99")
+        ax1.plot(off, [x["p50_ms"] for x in pts], "s--", color=color, label=f"{name} p50", alpha=0.5)
+        ax2.plot(off, [x["answers_per_s"] for x in pts], "o-", color=color, label=name)
     ax1.set_xlabel("offered load (requests/s, Poisson)")
     ax1.set_ylabel("latency (ms)")
     ax1.set_yscale("log")
@@ -259,7 +259,11 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true", help="server on CPU 1, load generator on CPU 0 (taskset)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "serve_latency.png"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.plot))
+        return 0
     if args.pin:
         if not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
             raise SystemExit("--pin needs taskset and 2 CPUs")

@@ -133,9 +133,13 @@ class TrainerConfig:
     """end this run after N optimizer steps, mid-epoch if need be (checkpoint kept; a rerun resumes at the
     same batch; the schedule is unchanged)"""
     distributed: str = "ddp"
-    """under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and optimizer state
-    sharded; fsdp_sharding full = ZeRO-3, grad_op = ZeRO-2; the recipe's layers are the shard units)"""
+    """under torchrun: ddp (replicated model), fsdp (FSDP2: parameters, gradients and optimizer state
+    sharded; fsdp_sharding full = ZeRO-3, grad_op = ZeRO-2; the recipe's layers are the shard units) or
+    deepspeed (DeepSpeed ZeRO, stage from the deepspeed section, 2 by default; also in one process)"""
     fsdp_sharding: str = "full"
+    deepspeed: dict = dataclasses.field(default_factory=dict)
+    """with distributed: deepspeed — {config: ds.json} or DeepSpeed keys inline, e.g. {zero_optimization:
+    {stage: 3}}; batch, accumulation, clipping and precision come from the recipe (contradictions refused)"""
     peak_gflops: float = 0.0
     """the device's peak for MFU (0: on CPU 205 for bf16, 88 for fp32 — measured on the project's 2-core
     machine; on CUDA no MFU unless set)"""

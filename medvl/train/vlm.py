@@ -227,7 +227,8 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
             vt = torch.stack([cache[m.path] for m in imgs]) if cache else torch.stack([load(m) for m in imgs])
         trows = teacher.rows([e.id for e in items]) if teacher is not None else None  # [N, V] or TopK
         loss = engine.module(engine.to_device(enc), engine.to_device(vt), bool(cache), engine.to_device(trows))
-        return StepResult(loss, len(items), sum(len(e.input_ids) for e in items), dict(step_module.parts))
+        answers = int((enc["labels"][:, 1:] != -100).sum())  # the terms the loss averages
+        return StepResult(loss, len(items), sum(len(e.input_ids) for e in items), dict(step_module.parts), answers)
 
     def export() -> Any:
         from medvl.models.vlm import MedVLM

@@ -97,7 +97,8 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
         enc = vlm.collate([encoded[i] for i in batch])
         trows = teacher.rows([ids[i] for i in batch]) if teacher is not None else None  # [N, V] or TopK
         loss = engine.module(engine.to_device(enc), engine.to_device(trows))
-        return StepResult(loss, len(batch), int(enc["attention_mask"].sum()), dict(step_module.parts))
+        return StepResult(loss, len(batch), int(enc["attention_mask"].sum()), dict(step_module.parts),
+                          int((enc["labels"][:, 1:] != -100).sum()))
 
     def export():
         from medvl.train.config import save_resolved

@@ -73,7 +73,12 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # a truncated or foreign file
         raise MedvlUserError(f"cannot read the checkpoint ({type(e).__name__}: {str(e)[:120]}); remove it to "
                              "start over", path=path) from None
-    old = st.get("identity") or {}
+    check_identity(st.get("identity") or {}, identity, path)
+    return st
+
+
+def check_identity(old: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """Raise a user error when a checkpoint's identity is not this run's (engine, world size, recipe)."""
     if old.get("engine") != identity["engine"]:
         raise MedvlUserError(f"the checkpoint was written with {old.get('engine')} and this run is "
                              f"{identity['engine']}: resume with the same number of processes and distribution "
@@ -83,7 +88,6 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
                       if (old.get("run") or {}).get(k) != identity["run"].get(k))
         raise MedvlUserError(f"{path.parent.parent} holds a checkpoint of a different run (differs in: "
                              f"{', '.join(diff)}); use another output_dir or remove it", path=path)
-    return st
 
 
 def restore(st: dict[str, Any], module, opt, sharded: bool) -> None:

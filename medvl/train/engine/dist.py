@@ -23,7 +23,7 @@ from torch import nn
 
 from medvl.errors import MedvlUserError
 
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "deepspeed")
 
 
 def init() -> tuple[int, int, int]:
@@ -45,9 +45,6 @@ def device(local_rank: int) -> torch.device:
 
 
 def check_mode(mode: str, sharding: str) -> None:
-    if mode == "deepspeed":
-        raise MedvlUserError("distributed: deepspeed is not available in this release; use ddp or fsdp "
-                             "(fsdp_sharding full = ZeRO-3, grad_op = ZeRO-2)")
     if mode not in MODES:
         raise MedvlUserError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
     if sharding not in ("full", "grad_op"):

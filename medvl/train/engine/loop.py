@@ -3,7 +3,8 @@
 A recipe builds its data and model and says what one step computes; :class:`Engine` does
 the rest, identically for the clip and vlm recipes and for composed and native VLMs:
 
-* distribution (:mod:`.dist`: DDP or FSDP2 under torchrun, CPU or CUDA), the device;
+* distribution (:mod:`.dist`: DDP or FSDP2 under torchrun; :mod:`.zero`: DeepSpeed ZeRO), CPU or
+  CUDA, the device;
 * precision (bf16 autocast), gradient accumulation (no gradient sync on inner micro-batches),
   gradient clipping, the LR schedule by name (:mod:`.schedule`), AdamW;
 * the data plan: the recipe returns an epoch's **global** batches (the same on every rank,
@@ -22,6 +23,7 @@ References: torchtune's recipe/trainer split, open_clip_train's loop, lingua's c
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -49,12 +51,20 @@ class StepResult:
     tokens: int = 0
     logs: dict[str, float] = field(default_factory=dict)
     """extra scalars for the log (loss parts such as kd / ce)"""
+    weight: float | None = None
+    """how many terms ``loss`` averages (answer tokens). Given, the engine weights each rank's loss by its
+    share of the global count, so N processes compute the gradient of the global mean, as one process
+    with the whole batch would (ranks hold different numbers of answer tokens)"""
 
 
 class Engine:
     def __init__(self, cfg: TrainerConfig, *, name: str, progress: bool = True, ignore_keys: Sequence[str] = ()):
         self.cfg = cfg
         self.name = name
+        self.ds = cfg.distributed == "deepspeed"
+        if self.ds:  # DeepSpeed makes the process group (one process too)
+            import medvl.train.engine.zero as zero
+            zero.init()
         self.rank, self.world, local = dist.init()
         self.device = dist.device(local)
         self.main = self.rank == 0
@@ -65,7 +75,7 @@ class Engine:
         if cfg.grad_accum < 1 or cfg.batch_size < 1:
             raise MedvlUserError("batch_size and grad_accum must be at least 1")
         get_schedule(cfg.lr_schedule)
-        if self.world > 1:
+        if self.world > 1 or self.ds:
             dist.check_mode(cfg.distributed, cfg.fsdp_sharding)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -81,7 +91,9 @@ class Engine:
     # -- set-up -------------------------------------------------------------------------------
     @property
     def sharded(self) -> bool:
-        return self.world > 1 and self.cfg.distributed == "fsdp"
+        """Whether the exported weights must be gathered (FSDP shards, DeepSpeed's ZeRO partitions and
+        fp32 master weights) through :meth:`full_state_dict` instead of read off the model."""
+        return self.ds or (self.world > 1 and self.cfg.distributed == "fsdp")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -113,12 +125,18 @@ class Engine:
                 print(f"{self.name}: warning: that is over 90% of the GPU; " +
                       memory.oom_advice(self.cfg, self.memory, 0).split("; try: ", 1)[1])
         module = module.to(self.device)
-        self.module = dist.wrap(module, self.cfg.distributed, self.world, shard_units, self.cfg.fsdp_sharding,
-                                self.device)
-        groups = param_groups(self.module) if param_groups else [p for p in self.module.parameters() if p.requires_grad]
+        if not self.ds:
+            module = dist.wrap(module, self.cfg.distributed, self.world, shard_units, self.cfg.fsdp_sharding,
+                               self.device)
+        groups = param_groups(module) if param_groups else [p for p in module.parameters() if p.requires_grad]
         if not groups:
             raise MedvlUserError("nothing to train: every module is frozen")
         self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.module = module
+        if self.ds:  # DeepSpeed takes the AdamW as its client optimizer and wraps both
+            import medvl.train.engine.zero as zero
+            self.module, self.opt, self._ds_scalars = zero.initialize(module, self.opt,
+                                                                      zero.build_config(self.cfg, self.world))
         return self.module
 
     def global_batches(self, order: list, batch_size: int | None = None) -> list[list]:
@@ -152,13 +170,21 @@ class Engine:
         schedule = get_schedule(cfg.lr_schedule)
         params = [p for g in opt.param_groups for p in g["params"]]
         identity = {"run": {k: v for k, v in asdict(cfg).items() if k not in self.ignore_keys},
-                    "engine": {"world": self.world, "distributed": cfg.distributed if self.world > 1 else "single"}}
+                    "engine": {"world": self.world,
+                               "distributed": cfg.distributed if self.world > 1 or self.ds else "single"}}
         ckpt = self.out / "checkpoints" / "last.pt"
         pos = {"step": 0, "epoch": 0, "offset": 0, "plan": None}
-        resumed = ckpt.exists()
+        ds_dir = self.out / "checkpoints" / "deepspeed"
+        resumed = ckpt.exists() or (ds_dir / "identity.json").exists()
         if resumed:
-            st = checkpoint.load(ckpt, identity)
-            checkpoint.restore(st, module, opt, self.sharded)
+            if ckpt.exists():
+                st = checkpoint.load(ckpt, identity)  # also refuses a DeepSpeed run resuming a torch checkpoint
+                checkpoint.restore(st, module, opt, self.sharded)
+            else:
+                old = json.loads((ds_dir / "identity.json").read_text())
+                checkpoint.check_identity(old, json.loads(json.dumps(identity)), ds_dir / "identity.json")
+                import medvl.train.engine.zero as zero
+                st = zero.load(module, ds_dir)
             checkpoint.set_rng_state(st["rng"][self.rank], self._gens())
             pos = st["pos"]
             if self.progress:
@@ -190,20 +216,29 @@ class Engine:
                 losses, parts, n_s, n_t = [], {}, 0, 0
                 with counter, self._oom_guard(pos["step"]):
                     for i, mb in enumerate(micro):
-                        with dist.no_sync(module, cfg.distributed, self.world, skip=i < len(micro) - 1):
+                        last_micro = i == len(micro) - 1
+                        if self.ds:  # DeepSpeed accumulates and steps itself, on the boundary we give it
+                            module.set_gradient_accumulation_boundary(last_micro)
                             with self.autocast():
                                 res = step(mb[self.rank::self.world])
-                            (res.loss / len(micro)).backward()
+                            module.backward(self._scaled(res) / len(micro), scale_wrt_gas=False)
+                            module.step()
+                        else:
+                            with dist.no_sync(module, cfg.distributed, self.world, skip=not last_micro):
+                                with self.autocast():
+                                    res = step(mb[self.rank::self.world])
+                                (self._scaled(res) / len(micro)).backward()
                         losses.append(float(res.loss.detach()))
                         n_s, n_t = n_s + res.samples, n_t + res.tokens
                         for k, v in res.logs.items():
                             parts[k] = parts.get(k, 0.0) + v / len(micro)
                 if count:
                     flops_per_sample = counter.get_total_flops() / max(1, n_s) if counter is not None else 0.0
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)  # FSDP: over all shards (DTensors)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                if not self.ds:
+                    if cfg.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)  # FSDP: over all shards (DTensors)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()
                 pos["step"] += 1
@@ -243,6 +278,16 @@ class Engine:
                 "log": logger.records, "last": last, "samples_per_s": ns / el, "tokens_per_s": nt / el,
                 "resumed": resumed, "finished": pos["step"] >= total}
 
+    def _scaled(self, res: StepResult) -> torch.Tensor:
+        """The rank's loss weighted by its share of the micro-batch's global weight (x world: the
+        gradient all-reduce averages over ranks)."""
+        if res.weight is None or self.world == 1:
+            return res.loss
+        import torch.distributed as tdist
+        n = torch.tensor([float(res.weight)], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(n)
+        return res.loss * (float(res.weight) * self.world / max(float(n), 1.0))
+
     @contextlib.contextmanager
     def _oom_guard(self, step: int):
         """A CUDA out-of-memory error becomes one message that says which knob to turn."""
@@ -257,11 +302,21 @@ class Engine:
 
     def _save(self, path: Path, pos: dict, identity: dict) -> None:
         rng = dist.gather_objects(checkpoint.rng_state(self._gens()), self.world)
+        if self.ds:
+            import medvl.train.engine.zero as zero
+            zero.save(self.module, path.parent / "deepspeed", f"step{pos['step']}",
+                      {"pos": dict(pos), "identity": identity, "rng": rng}, json.loads(json.dumps(identity)),
+                      self.rank)
+            return
         checkpoint.save(path, self.module, self.opt, self.sharded, self.rank,
                         {"pos": dict(pos), "identity": identity}, rng)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The step module's full weights (gathered under FSDP: every rank must call it)."""
+        """The step module's full weights (gathered under FSDP: every rank must call it; under DeepSpeed the
+        fp32 master weights consolidated from the final checkpoint, on rank 0)."""
+        if self.ds:
+            import medvl.train.engine.zero as zero
+            return zero.full_state_dict(self.out / "checkpoints" / "deepspeed", self.rank, self._ds_scalars)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=self.world > 1))
