@@ -160,3 +160,15 @@ def test_every_vlm_recipe_parses_with_known_distill_and_reflect_keys():
         assert set(cfg.reflect) <= {"rounds", "epochs", "task", "f1_threshold", "semantic_threshold"}
         n += 1
     assert n >= 6
+
+
+def test_cached_teacher_rows_inside_bf16_autocast(teacher_dir, tmp_path):
+    """The trainer asks for teacher rows inside its bf16 autocast; the cache's fp16 rows must come out."""
+    from medvl.data.bundled import load_bundled
+    from medvl.distill.teacher import CachedTeacher, cache_teacher
+    data = load_bundled("vqa-rad", "train")[:4]
+    cache_teacher(teacher_dir, data, tmp_path / "c", topk=4, progress=False)
+    t = CachedTeacher(tmp_path / "c")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = t.rows([s.id for s in data])
+    assert rows.values.shape[1] == 4 and rows.values.shape[0] == rows.indices.shape[0]

@@ -179,7 +179,8 @@ class CachedTeacher:
 
     def rows(self, ids: Sequence[str]) -> TopK:
         sl = [self.span[i] for i in ids]
-        return TopK(torch.cat([self.values[a:b] for a, b in sl]), torch.cat([self.indices[a:b] for a, b in sl]))
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):  # fp16 rows: no autocast
+            return TopK(torch.cat([self.values[a:b] for a, b in sl]), torch.cat([self.indices[a:b] for a, b in sl]))
 
 
 def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk: int = 32, max_length: int = 128,

@@ -121,8 +121,11 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
     tc = vlm.model.config.get_text_config() if hasattr(vlm.model.config, "get_text_config") else vlm.model.config
     act = transformer_activations(cfg.batch_size * cfg.max_length, tc.hidden_size, tc.num_hidden_layers,
                                   cfg.gradient_checkpointing)
-    return {"module": step_module, "activation_bytes": act, "steps": engine.steps_per_epoch(len(encoded)), "plan": plan,
-            "step": step, "flops_per_token": None, "export": export, "model": vlm, "tokenizer": vlm.tok,
+    from medvl.models.native import module_of
+    n_llm = sum(p.numel() for n, p in vlm.model.named_parameters()  # MFU: 6 x non-embedding LM parameters
+                if module_of(n) == "llm" and "embed" not in n and "lm_head" not in n)
+    return {"module": step_module, "activation_bytes": act, "flops_per_token": 6.0 * n_llm, "steps": engine.steps_per_epoch(len(encoded)), "plan": plan,
+            "step": step, "export": export, "model": vlm, "tokenizer": vlm.tok,
             "collator": None, "dropped": dropped,
             "trainable": trainable,
             "shard_units": [m for m in vlm.model.modules() if type(m).__name__ in units]}

@@ -269,12 +269,14 @@ class Engine:
                 if cfg.stop_after_epochs and epochs_run >= cfg.stop_after_epochs:
                     break  # every rank stops at the same epoch
         bar.close()
+        el, ns, nt = _meter(t0, seen, tokens, first)
+        loop_seconds = time.perf_counter() - t0 + first[0]
         if saved_at != pos["step"]:
             self._save(ckpt, pos, identity)  # a max_steps stop resumes from here
         logger.close()
         dist.barrier(self.world)
-        el, ns, nt = _meter(t0, seen, tokens, first)
-        return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": time.perf_counter() - t0 + first[0],
+        return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": loop_seconds,
+                "total_seconds": time.perf_counter() - t0 + first[0],
                 "log": logger.records, "last": last, "samples_per_s": ns / el, "tokens_per_s": nt / el,
                 "resumed": resumed, "finished": pos["step"] >= total}
 
