@@ -260,3 +260,58 @@ def test_recipe_siglip_loss(tmp_path):
     from medvl.train.clip import train_clip
     res = train_clip(_cfg(tmp_path, tmp_path / "s", 2, loss="siglip"), progress=False)
     assert res["steps"] == 2 and math.isfinite(res["last"]["loss"])
+
+
+def test_read_labels_keeps_commas_of_separate_arguments():
+    """Several arguments are several labels, whole; only a lone argument is a comma list (with a note)."""
+    from medvl.errors import MedvlUserError
+    from medvl.eval.zero_shot import read_labels
+    notes = []
+    organs = ["face, sinuses, and neck", "skull and contents", "spine and contents"]
+    assert read_labels(organs, warn=notes.append) == organs and not notes
+    assert read_labels(["head,chest, abdomen"], warn=notes.append) == ["head", "chest", "abdomen"]
+    assert len(notes) == 1 and "split at its commas into 3 labels" in notes[0]
+    with pytest.raises(MedvlUserError, match="empty label"):
+        read_labels(["head,,chest"])
+
+
+def test_cli_zero_shot_label_file_with_commas(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    from medvl.cli import main
+    tiny.save_pretrained(tmp_path / "m")
+    Image.new("L", (40, 40), 100).save(tmp_path / "x.png")
+    (tmp_path / "organs.txt").write_text("face, sinuses, and neck\nskull and contents\n")
+    code = main(["zero-shot", "--model", str(tmp_path / "m"), str(tmp_path / "x.png"), "--labels", "@" + str(tmp_path / "organs.txt"),
+                 "--json"])
+    got = json.loads(capsys.readouterr().out)["results"][0]["probs"]
+    assert code == 0 and set(got) == {"face, sinuses, and neck", "skull and contents"}
+
+
+def test_expected_load_report_silenced_real_ones_kept():
+    """MiniLM's unused pooler keys make no noise; a report with other keys still reaches the user."""
+    import logging
+
+    from transformers import AutoModel
+
+    from medvl.models.clip import minilm_path
+    from medvl.models.quiet import expected_unused
+
+    class Keep(logging.Handler):
+        seen: list = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+    lg = logging.getLogger("transformers.modeling_utils")
+    h = Keep()
+    lg.addHandler(h)
+    try:
+        with expected_unused():
+            AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+        MedCLIP.from_config("medclip-r10t-minilm")
+        assert not [m for m in Keep.seen if "LOAD REPORT" in m], repr(Keep.seen)
+        with expected_unused(("not.these.",)):
+            AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+        assert [m for m in Keep.seen if "LOAD REPORT" in m and "pooler.dense.weight" in m]
+    finally:
+        lg.removeHandler(h)

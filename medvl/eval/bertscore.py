@@ -51,7 +51,9 @@ class BERTScorer:
         path = model or default_model_path()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).to(device).eval()
+            from medvl.models.quiet import expected_unused
+            with expected_unused():
+                self.model = AutoModel.from_pretrained(path).to(device).eval()
         except OSError as e:
             raise MedvlUserError(f"cannot load the BERTScore encoder {path!r} ({e})") from None
         n_total = self.model.config.num_hidden_layers

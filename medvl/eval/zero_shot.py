@@ -146,15 +146,31 @@ def similarity(model, images: Sequence, texts: Sequence[str], batch_size: int = 
     return (X @ T.T).numpy(), ok
 
 
-def read_labels(spec: Sequence[str]) -> list[str]:
-    """Labels from the command line: names, comma lists, or @file (one per line)."""
+def read_labels(spec: Sequence[str], warn=None) -> list[str]:
+    """Labels from the command line: one per argument, a single comma list, or @file (one per line).
+
+    Several arguments are several labels, each kept whole — ``--labels "face, sinuses, and neck"
+    chest`` is two classes, as VQA-Med's organ answers need. Only a lone argument is split at
+    its commas (``--labels head,chest,abdomen``), and ``warn`` is told when that split happened,
+    so a single label with a comma can be passed as ``@file`` instead. An empty label (a stray
+    comma) is refused; repeated labels are refused where the classes are checked.
+    """
+    warn = warn or (lambda msg: None)
     out: list[str] = []
     for s in spec:
         if s.startswith("@"):
             p = Path(s[1:])
             if not p.exists():
                 raise MedvlUserError("label file not found", path=p)
-            out += [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            out += [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        elif len(spec) == 1 and "," in s:
+            parts = [x.strip() for x in s.split(",")]
+            warn(f"--labels {s!r} split at its commas into {len(parts)} labels; to keep a label with a comma, "
+                 "pass each label as its own argument or one per line in @FILE")
+            out += parts
         else:
-            out += [x.strip() for x in s.split(",")] if "," in s else [s]
+            out.append(s.strip())  # one argument, one label: a comma inside belongs to it
+    empty = [i for i, x in enumerate(out) if not x]
+    if empty:
+        raise MedvlUserError(f"--labels: empty label at position {empty[0] + 1} (a stray comma?)")
     return out

@@ -26,7 +26,9 @@ class SentenceEncoder:
         from medvl.models.clip import minilm_path
         path = path or minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        from medvl.models.quiet import expected_unused
+        with expected_unused():
+            self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.device = device
         self.cache: dict[str, torch.Tensor] = {}
 

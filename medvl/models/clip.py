@@ -120,7 +120,11 @@ class MedCLIP(nn.Module):
     def __init__(self, config: CLIPConfig, model: nn.Module | None = None, load_text_weights: bool = True):
         super().__init__()
         self.config = config
-        self.model = model if model is not None else _build(config, load_text_weights)
+        if model is None:
+            from medvl.models.quiet import expected_unused
+            with expected_unused():  # MiniLM's unused BERT pooler: not the user's concern
+                model = _build(config, load_text_weights)
+        self.model = model
         self._tokenizer = None
         text = getattr(self.model, "text", None)
         hf_pooler = getattr(getattr(text, "transformer", None), "pooler", None)

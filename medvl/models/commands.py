@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     z = sub.add_parser("zero-shot", help="zero-shot classification of images with a CLIP")
     z.add_argument("images", nargs="+", help="image files (PNG/JPEG, DICOM, NIfTI middle slice, .npy)")
     z.add_argument("--model", default=DEFAULT_MODEL, help=f"CLIP name or folder (default: the shipped {DEFAULT_MODEL})")
-    z.add_argument("--labels", nargs="+", required=True, help="class names, a comma list, or @file")
+    z.add_argument("--labels", nargs="+", required=True, help="class names (one per argument, kept whole), a single comma list, or @file (one per line)")
     z.add_argument("--template", action="append", help="prompt template with {} (repeat for an ensemble)")
     z.add_argument("--window", help="DICOM window preset (lung, bone, ...) or 'file'")
     z.add_argument("--top", type=int, default=3)
@@ -62,7 +63,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     from medvl.eval.zero_shot import DEFAULT_TEMPLATES, read_labels, zero_shot
     from medvl.models.clip import MedCLIP
 
-    labels = read_labels(args.labels)
+    labels = read_labels(args.labels, warn=lambda msg: print(f"medvl: note: {msg}", file=sys.stderr))
     model = MedCLIP.from_pretrained(args.model)
     with torch.no_grad():
         res = zero_shot(model, args.images, labels, args.template or DEFAULT_TEMPLATES, window=args.window)
