@@ -1,6 +1,7 @@
 """The server: OpenAI-compatible chat, zero-shot, embeddings, batching, limits and hostile input."""
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -18,6 +19,29 @@ from medvl.data.bundled import load_bundled
 from medvl.serve.app import ServeConfig, create_app
 
 VLM, CLIP = "medvl-vqarad-small", "medclip-r10t-minilm"
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """``app`` served by uvicorn on a free local port in a thread; yields its base URL."""
+    import socket
+
+    import uvicorn
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)
 
 
 def data_uri(path, mime="image/jpeg"):
@@ -211,13 +235,7 @@ def test_full_queue_answers_503_not_a_growing_backlog(img):
 def test_a_client_that_disconnects_mid_stream_frees_its_row(img):
     """A streaming client closes its connection after the first tokens: the row leaves the running
     batch (and its KV cache) at once instead of decoding to max_tokens."""
-    import socket
-
     import httpx
-    import uvicorn
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
     app = create_app(VLM, None, ServeConfig(max_tokens_cap=256))
     dec = app.state.server.decoder
     dec.eos = -1  # never ends by itself: it would decode all 256 tokens
@@ -227,15 +245,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(img):
         time.sleep(0.02)
         return real()
     dec._step = slow
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
+    with live_server(app) as url:
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", url + "/v1/chat/completions", json=chat_body(img, max_tokens=256, stream=True)) as r:
                 got = 0
@@ -251,9 +261,6 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(img):
                 time.sleep(0.05)
         assert st["running"] == 0 and st["cancelled"] == 1 and st["finished"] == 0
         assert time.monotonic() - t0 < 2  # far sooner than the 256 x 20 ms the row had left
-    finally:
-        server.should_exit = True
-        th.join(timeout=10)
 
 
 def test_zero_shot_requests_are_batched_and_equal_one_at_a_time(client, img):
@@ -281,21 +288,8 @@ def test_zero_shot_and_embeddings(client, img):
 
 def test_the_openai_client_talks_to_a_running_server(img):
     openai = pytest.importorskip("openai")
-    import socket
-
-    import uvicorn
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(VLM, CLIP), host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.1)
-        cl = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    with live_server(create_app(VLM, CLIP)) as url:
+        cl = openai.OpenAI(base_url=url + "/v1", api_key="none")
         assert [m.id for m in cl.models.list()] == [VLM, CLIP]
         msg = [{"role": "user", "content": [{"type": "text", "text": "Is this a CT scan?"},
                                             {"type": "image_url", "image_url": {"url": img}}]}]
@@ -309,6 +303,3 @@ def test_the_openai_client_talks_to_a_running_server(img):
         assert len(emb.data[0].embedding) > 0
         with pytest.raises(openai.NotFoundError):
             cl.chat.completions.create(model="nope", messages=msg)
-    finally:
-        server.should_exit = True
-        th.join(timeout=10)

@@ -23,6 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="semantic-aware selective generation: sample N answers, keep the one that agrees most "
                         "with the others (MiniLM sentence embeddings)")
     p.add_argument("--sasg-temperature", type=float, default=0.7)
+    p.add_argument("--image-control", choices=["shuffled", "blank"],
+                   help="a control for 'does the image matter': answer each question with another sample's image "
+                        "(seeded by --seed, never its own) or a blank one; score it with medvl eval vqa beside the "
+                        "real run (write it to its own --out)")
     _decoding(p)
     p.set_defaults(func=cmd_predict)
 
@@ -61,6 +65,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medvl.generate.pipeline import load
 
     samples = load_for_stats(args.data, args.format, {})
+    if args.image_control:
+        from medvl.data.controls import image_control
+        samples = image_control(samples, args.image_control, seed=args.seed)
+        print(f"control: {args.image_control} images for {sum(bool(s.images) for s in samples)} sample(s)")
     pipe = load(args.model)
     if args.sasg:
         n = pipe.predict_sasg(samples, args.out, n=args.sasg, temperature=args.sasg_temperature, top_p=args.top_p,

@@ -71,8 +71,8 @@ class NativeVLM:
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not with_answer)
 
     def _images(self, sample: Sample) -> list:
-        from medvl.data.imageio import load_medical, to_pil
-        return [to_pil(load_medical(m.path)) for m in sample.images]
+        from medvl.data.imageio import MedicalImage, load_medical, to_pil
+        return [to_pil(m.array if isinstance(m.array, MedicalImage) else load_medical(m.path)) for m in sample.images]
 
     def encode(self, sample: Sample) -> dict[str, torch.Tensor] | None:
         n_ph = sum(count_placeholders(t.text) for t in sample.conversation)
