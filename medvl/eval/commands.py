@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def common(sp: argparse.ArgumentParser, files: bool = True) -> None:
         if files:
             sp.add_argument("--pred", required=True, help="predictions: JSONL, JSON list or CSV with id + text")
-            sp.add_argument("--ref", required=True, help="references: same formats, or a medvl canonical JSONL")
+            sp.add_argument("--ref", required=True, help="references: same formats, a medvl canonical JSONL, or a bundled split (vqa-rad/test)")
             sp.add_argument("--id-key", help="id column (default: id, qid, study_id, ...)")
             sp.add_argument("--pred-key", help="prediction text column (default: prediction, pred, answer, ...)")
             sp.add_argument("--ref-key", help="reference text column (default: reference, answer, report, ...)")
@@ -70,10 +70,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=cmd_grounding)
 
 
+def _bundled_or_path(ref: str) -> str:
+    """A bundled split's name (``vqa-rad/test``) stands for its canonical JSONL; a file that exists wins."""
+    from pathlib import Path
+
+    from medvl.data.bundled import BUNDLED, bundled_path
+    name, _, split = str(ref).partition("/")
+    if not Path(ref).exists() and name in BUNDLED and split:
+        return str(bundled_path(name, split))
+    return ref
+
+
 def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = None):
     from medvl.eval.files import PRED_KEYS, REF_KEYS, join, read_records
 
     preds = read_records(args.pred, text_key=args.pred_key, id_key=args.id_key, candidates=PRED_KEYS)
+    args.ref = _bundled_or_path(args.ref)
     refs = read_records(args.ref, text_key=args.ref_key, id_key=args.id_key,
                         candidates=ref_candidates or REF_KEYS)
     return join(preds, refs, allow_missing=args.allow_missing, pred_path=args.pred, ref_path=args.ref)

