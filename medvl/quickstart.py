@@ -1,10 +1,17 @@
-"""``medvl quickstart``: train a small medical VLM on the bundled VQA-RAD and evaluate it.
+"""``medvl quickstart``: train a small medical VLM on the bundled VQA-RAD and measure what the image adds.
 
 The shipped CLIP's resnet10t tower (frozen, its tokens cached), an ``mlp2x_gelu``
 connector and a small Qwen2-architecture LM trained from scratch with a BPE tokenizer
-built from the training texts (no pretrained LM is reachable offline). It is trained
-twice — with the image, and on the question alone — and both are scored on the VQA-RAD
-test split with medvl's VQA metrics, so the table shows what the image adds.
+built from the training texts. The image's contribution is measured with the two controls
+of :mod:`medvl.data.controls` and a twin:
+
+* the same model shown **another test image** (3 seeded shuffles, never a question's own
+  image) and a **blank image** — does *this* model read the image it is given?
+* a **question-only twin** trained the same way without images — would a model of the
+  questions alone do as well?
+
+The gaps are paired (same questions) with 95 % bootstrap intervals of the mean difference, so
+a reader sees whether they separate from zero rather than two numbers that move between runs.
 """
 
 from __future__ import annotations
@@ -15,40 +22,89 @@ from pathlib import Path
 
 from medvl.data.bundled import load_bundled
 
+SHUFFLE_SEEDS = (0, 1, 2)
 
-def run_quickstart(out: Path, epochs: int = 15, progress: bool = True) -> int:
+
+def _per_question(ev: dict) -> tuple[list[float], list[float]]:
+    per = ev["per_sample"]
+    return ([float(x["closed_correct"]) for x in per if x["answer_type"] == "CLOSED"],
+            [float(x["recall"]) for x in per if x["answer_type"] == "OPEN"])
+
+
+def _gap(a: dict, b: list[dict], n_boot: int = 2000) -> dict:
+    """Mean paired difference a - mean(b) per closed / open question, with a bootstrap 95 % CI."""
+    from medvl.eval.bootstrap import bootstrap_mean
+    ca, oa = _per_question(a)
+    cb = [sum(v) / len(b) for v in zip(*(_per_question(x)[0] for x in b))]
+    ob = [sum(v) / len(b) for v in zip(*(_per_question(x)[1] for x in b))]
+    dc, do = [x - y for x, y in zip(ca, cb)], [x - y for x, y in zip(oa, ob)]
+    return {"closed": {"mean": sum(dc) / len(dc), **bootstrap_mean(dc, n_boot, 0)},
+            "open": {"mean": sum(do) / len(do), **bootstrap_mean(do, n_boot, 0)}}
+
+
+def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train: int | None = None) -> int:
+    """Train, score, print the table; ``max_train`` keeps the first N training questions (tests)."""
+    from medvl.data.controls import image_control
+    from medvl.data.loading import strip_images
     from medvl.eval.suites import evaluate_vqa
     from medvl.generate.batched import generate_answers
-    from medvl.data.loading import strip_images
     from medvl.models.vlm import image_loader_for
     from medvl.train.vlm import VLMTrainConfig, train_vlm
 
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    train, test = load_bundled("vqa-rad", "train"), load_bundled("vqa-rad", "test")
-    rows = {}
-    for name, q_only in (("image + question", False), ("question only", True)):
-        cfg = VLMTrainConfig(stage="sft", question_only=q_only, epochs=epochs,
-                             output_dir=str(out / ("question-only" if q_only else "vlm")))
-        res = train_vlm(cfg, train, progress=progress)
-        model, collator = res["model"], res["collator"]
-        samples = strip_images(test) if q_only else test
+    train, test = load_bundled("vqa-rad", "train")[:max_train], load_bundled("vqa-rad", "test")
+    refs = [s.conversation[-1].text for s in test]
+    ats, qts = [s.labels.get("answer_type") for s in test], [s.labels.get("question_type") for s in test]
+
+    def score(model, collator, samples, folder: Path, name: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
         preds = dict(generate_answers(model, collator, samples, image_loader_for(model), batch_size=64,
                                       max_new_tokens=16, progress=progress))
         gen_s = time.perf_counter() - t0
-        ev = evaluate_vqa([s.conversation[-1].text for s in test], [preds[s.id] for s in test],
-                          [s.labels.get("answer_type") for s in test], [s.labels.get("question_type") for s in test])
-        (Path(cfg.output_dir) / "predictions.jsonl").write_text(
+        (folder / f"predictions{name}.jsonl").write_text(
             "\n".join(json.dumps({"id": s.id, "prediction": preds[s.id]}) for s in test) + "\n")
-        rows[name] = {**ev["metrics"], "train_seconds": res["seconds"], "train_samples_per_s": res["samples_per_s"],
-                      "answers_per_s": len(test) / gen_s}
-    print("\nVQA-RAD test (451 questions; closed = yes/no, whole-word, every question counted)")
-    print(f"{'model':<18} {'closed acc':>10} {'open recall':>12} {'open exact':>11} {'train s':>8} {'answers/s':>10}")
+        return evaluate_vqa(refs, [preds[s.id] for s in test], ats, qts, bootstrap=1000), len(test) / gen_s
+
+    rows, evs = {}, {}
+    for name, q_only in (("image + question", False), ("question only (twin)", True)):
+        cfg = VLMTrainConfig(stage="sft", question_only=q_only, epochs=epochs,
+                             output_dir=str(out / ("question-only" if q_only else "vlm")))
+        res = train_vlm(cfg, train, progress=progress)
+        model, collator, folder = res["model"], res["collator"], Path(cfg.output_dir)
+        ev, aps = score(model, collator, strip_images(test) if q_only else test, folder, "")
+        evs[name] = [ev]
+        rows[name] = {**ev["metrics"], "ci": ev["ci"], "train_seconds": res["seconds"],
+                      "train_samples_per_s": res["samples_per_s"], "answers_per_s": aps}
+        if not q_only:  # the controls: the same trained model, other images
+            for ctl, seeds in (("shuffled", SHUFFLE_SEEDS), ("blank", (0,))):
+                label = f"  same, {ctl} image" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+                evs[label] = [score(model, collator, image_control(test, ctl, seed=s), folder, f"-{ctl}{s}")[0]
+                              for s in seeds]
+                m = [e["metrics"] for e in evs[label]]
+                rows[label] = {k: sum(x[k] for x in m) / len(m) for k in m[0]}
+    real = evs["image + question"][0]
+    gaps = {f"image - {k.strip().removeprefix('same, ')}": _gap(real, v) for k, v in evs.items()
+            if k != "image + question"}
+
+    n_closed = sum(x["answer_type"] == "CLOSED" for x in real["per_sample"])
+    print(f"\nVQA-RAD test ({len(test)} questions, {n_closed} closed; closed = yes/no, whole-word, every question "
+          "counted; 95% bootstrap CIs)")
+    print(f"{'model':<32} {'closed acc':>18} {'open recall':>18} {'open exact':>10} {'train s':>8}")
     for name, r in rows.items():
-        print(f"{name:<18} {r['closed_accuracy']:>10.3f} {r['open_recall']:>12.3f} {r['open_exact']:>11.3f} "
-              f"{r['train_seconds']:>8.0f} {r['answers_per_s']:>10.1f}")
-    (out / "report.json").write_text(json.dumps(rows, indent=1))
+        ci = r.get("ci", {})
+        c = f"{r['closed_accuracy']:.3f}" + (f" [{ci['closed_accuracy']['low']:.2f},{ci['closed_accuracy']['high']:.2f}]"
+                                             if "closed_accuracy" in ci else "")
+        o = f"{r['open_recall']:.3f}" + (f" [{ci['open_recall']['low']:.2f},{ci['open_recall']['high']:.2f}]"
+                                         if "open_recall" in ci else "")
+        ts = f"{r['train_seconds']:>8.0f}" if "train_seconds" in r else f"{'':>8}"
+        print(f"{name:<32} {c:>18} {o:>18} {r['open_exact']:>10.3f} {ts}")
+    print("\nwhat the image adds (paired differences on the same questions, 95% CI; a CI above 0 separates):")
+    for name, g in gaps.items():
+        print(f"  {name:<30} closed {100 * g['closed']['mean']:+5.1f} pts [{100 * g['closed']['low']:+.1f}, "
+              f"{100 * g['closed']['high']:+.1f}]   open recall {100 * g['open']['mean']:+5.1f} pts "
+              f"[{100 * g['open']['low']:+.1f}, {100 * g['open']['high']:+.1f}]")
+    (out / "report.json").write_text(json.dumps({"rows": rows, "gaps": gaps}, indent=1))
     print(f"\nmodels in {out}/vlm/model and {out}/question-only/model; report {out}/report.json; "
           f"total {time.perf_counter() - t_all:.0f} s")
     return 0
