@@ -24,7 +24,7 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
         mcfg = MedVLMConfig(vision=vision, connector=connector, llm_source=llm["source"],
                             image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=position_gap)
         model = MedVLM(mcfg, llm=AutoModelForCausalLM.from_pretrained(path, dtype="float32"))
-        model.llm.resize_token_embeddings(len(tok))
+        model.llm.resize_token_embeddings(len(tok), mean_resizing=False)  # <image> rows are overwritten by image features
     else:
         tok = tokenizer if tokenizer is not None else build_bpe_tokenizer(texts, vocab_size=vocab_size)
         tc = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
