@@ -83,6 +83,11 @@ def test_vqa_against_the_canonical_dataset(capsys, tmp_path):
     res = json.loads((tmp_path / "v.json").read_text())
     assert res["counts"]["n_closed"] == 272 and res["counts"]["n_open"] == 179
     assert 0.70 < res["metrics"]["closed_accuracy"] < 0.80 and "PRES" in res["by_question_type"]
+    # the bundled split by name gives the same scores; a split it lacks is one clear error
+    code, _, _ = run(capsys, "eval", "vqa", "--pred", p, "--ref", "vqa-rad/test", "--out", str(tmp_path / "b.json"))
+    assert code == 0 and json.loads((tmp_path / "b.json").read_text())["metrics"] == res["metrics"]
+    code, _, err = run(capsys, "eval", "vqa", "--pred", p, "--ref", "vqa-rad/validation")
+    assert code == 2 and "has splits train, test, not 'validation'" in err
 
 
 def test_cls_retrieval_grounding(capsys, tmp_path):

@@ -29,6 +29,15 @@ def bundled_path(name: str, split: str) -> Path:
     return BUNDLED_ROOT / name / f"{split}.jsonl"
 
 
+def bundled_split(ref: str) -> tuple[str, str] | None:
+    """``(name, split)`` when ``ref`` names a bundled split (``vqa-rad/test``; ``vqa-rad`` = its train
+    split) and is not an existing file — a file of that name always wins; otherwise None."""
+    if Path(ref).exists():
+        return None
+    name, _, split = str(ref).partition("/")
+    return (name, split or "train") if name in BUNDLED else None
+
+
 def load_bundled(name: str = "vqa-rad", split: str = "train") -> list[Sample]:
     """The bundled dataset's samples, with image paths made absolute."""
     path = bundled_path(name, split)

@@ -222,12 +222,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def load_for_stats(name: str, fmt: str | None, read_opts: dict) -> list[Sample]:
-    from medvl.data.bundled import BUNDLED, load_bundled
+    from medvl.data.bundled import BUNDLED, bundled_split, load_bundled
 
+    if (named := bundled_split(name)) is not None:
+        return load_bundled(*named)
     if not Path(name).exists():
-        ds, _, split = name.partition("/")
-        if ds in BUNDLED:
-            return load_bundled(ds, split or "train")
         raise MedvlUserError("file not found (and not a bundled dataset name: "
                              f"{', '.join(BUNDLED)})", path=name)
     if fmt is None or fmt == "medvl":

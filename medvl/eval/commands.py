@@ -72,13 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _bundled_or_path(ref: str) -> str:
     """A bundled split's name (``vqa-rad/test``) stands for its canonical JSONL; a file that exists wins."""
-    from pathlib import Path
-
-    from medvl.data.bundled import BUNDLED, bundled_path
-    name, _, split = str(ref).partition("/")
-    if not Path(ref).exists() and name in BUNDLED and split:
-        return str(bundled_path(name, split))
-    return ref
+    from medvl.data.bundled import bundled_path, bundled_split
+    named = bundled_split(ref)
+    return str(bundled_path(*named)) if named else ref
 
 
 def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = None):

