@@ -65,6 +65,32 @@ def test_clip_loss_matches_open_clip():
     assert torch.allclose(SigLipLoss()(img, txt, scale, bias), ref_s, atol=1e-5)
 
 
+def test_clip_losses_with_repeated_texts():
+    """Unique ids leave the classic losses unchanged; identical texts become shared positives."""
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-3.0)
+    uniq = torch.arange(6)
+    assert torch.allclose(ClipLoss()(img, txt, scale, ids=uniq), ClipLoss()(img, txt, scale))
+    assert torch.allclose(SigLipLoss()(img, txt, scale, bias, ids=uniq), SigLipLoss()(img, txt, scale, bias))
+    ids = torch.tensor([0, 0, 1, 2, 2, 2])
+    txt_rep = txt[torch.tensor([0, 0, 2, 3, 3, 3])]  # rows with the same id carry the same text
+    # the multi-positive target: image 0 is asked to match columns 0 and 1 equally
+    logits = scale.exp() * img @ txt_rep.T
+    tgt = (ids[:, None] == ids[None, :]).float()
+    tgt = tgt / tgt.sum(1, keepdim=True)
+    want = (-(tgt * logits.log_softmax(1)).sum(1).mean() - (tgt * (scale.exp() * txt_rep @ img.T).log_softmax(1)).sum(1).mean()) / 2
+    assert torch.allclose(ClipLoss()(img, txt_rep, scale, ids=ids), want, atol=1e-6)
+    # identical texts give identical logit columns: for InfoNCE the multi-positive target is the classic loss
+    assert torch.allclose(ClipLoss()(img, txt_rep, scale, ids=ids), ClipLoss()(img, txt_rep, scale), atol=1e-6)
+    # for SigLIP repeats stop being negatives
+    assert not torch.allclose(SigLipLoss()(img, txt_rep, scale, bias, ids=ids), SigLipLoss()(img, txt_rep, scale, bias))
+    z_loss = SigLipLoss()(img, txt_rep, scale, bias, ids=ids)
+    z = torch.where(ids[:, None] == ids[None, :], 1.0, -1.0)
+    assert torch.allclose(z_loss, -torch.nn.functional.logsigmoid(z * (scale.exp() * img @ txt_rep.T + bias)).sum() / 6)
+
+
 def test_mmkd_loss_terms_and_options():
     torch.manual_seed(0)
     s_img = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)

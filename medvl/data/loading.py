@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medvl.data.splits import check_split, in_holdout, keep_image
+from medvl.errors import MedvlUserError
+
 
 def strip_images(samples):
     """Copies of the samples without images or placeholders."""
@@ -17,7 +20,57 @@ def strip_images(samples):
 
 
 def load_training_samples(data: dict):
-    """Samples with image paths made absolute (against data.image_root or the file's folder)."""
+    """Samples with image paths made absolute (against data.image_root or the file's folder).
+
+    ``data.holdout`` / ``holdout_seed`` / ``part`` keep the train or held-out images
+    (:mod:`medvl.data.splits`, by image); samples without an image are kept; what is left out
+    is counted. ``data.sources: [section, ...]`` mixes several datasets, each a data section
+    of its own (ids made unique by prefixing the source's index where they collide); an image
+    one source holds out is held out of every source (VQA-RAD shares MedPix images with
+    VQA-Med), so a held-out split stays unseen however the data are mixed."""
+    samples, skipped, _ = _load_split(data)
+    return samples, skipped
+
+
+def _load_split(data: dict):
+    if data.get("sources"):
+        if not isinstance(data["sources"], list):
+            raise MedvlUserError("data.sources must be a list of data sections")
+        parts, skipped, held, seen = [], {}, set(), set()
+        for i, sec in enumerate(data["sources"]):
+            if not isinstance(sec, dict):
+                raise MedvlUserError(f"data.sources[{i}] must be a mapping (path, format, ...), got {sec!r}")
+            got, sk, h = _load_split(sec)
+            parts.append((sec, got))
+            held |= h
+            skipped.update({f"{sec.get('path')}: {k}": v for k, v in sk.items()})
+        samples = []
+        for i, (sec, got) in enumerate(parts):
+            kept = [s for s in got if not any(Path(m.path or "").stem in held for m in s.images)]
+            if len(kept) < len(got):
+                skipped[f"{sec.get('path')}: image held out by another source"] = len(got) - len(kept)
+            for s in kept:
+                if s.id in seen:
+                    s.id = f"{i}:{s.id}"
+                seen.add(s.id)
+            samples += kept
+        return samples, skipped, held
+    samples, skipped = _load_one(data)
+    fraction, seed, part = float(data.get("holdout", 0) or 0), int(data.get("holdout_seed", 0)), data.get("part", "train")
+    check_split(fraction, part)
+    held: set[str] = set()
+    if fraction and part != "all":
+        kept = [s for s in samples if not s.images or all(keep_image(m.path or s.id, fraction, seed, part)
+                                                             for m in s.images)]
+        if len(kept) < len(samples):
+            skipped[f"outside part {part} (holdout {fraction:g} by image, seed {seed})"] = len(samples) - len(kept)
+        if part == "train":
+            held = {Path(m.path).stem for s in samples for m in s.images if m.path and in_holdout(m.path, fraction, seed)}
+        samples = kept
+    return samples, skipped, held
+
+
+def _load_one(data: dict):
     from medvl.data.bundled import BUNDLED, load_bundled
     from medvl.data.formats import get_format
     from medvl.data.schema import resolve_path

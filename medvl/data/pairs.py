@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvl.data.splits import check_split, keep_image
 from medvl.errors import MedvlUserError
 
 
@@ -38,6 +39,11 @@ class DataConfig:
     """'bundled:vqa-rad' drops images whose file stem appears in the bundled VQA-RAD"""
     cache_size: int = 0
     """decode every image once to this size (0: image_size * 1.125)"""
+    holdout: float = 0.0
+    """fraction of images held out by image (medvl.data.splits); 0 = none"""
+    holdout_seed: int = 0
+    part: str = "train"
+    """which images to use when holdout > 0: train (the rest), holdout, or all"""
 
 
 _YES_NO = {"yes", "no"}
@@ -48,15 +54,15 @@ REGION = {
     "gastrointestinal": "abdomen, bowel", "genitourinary": "abdomen and pelvis, kidneys",
     "breast": "breast", "vascular and lymphatic": "blood vessels",
 }
-MODALITY_WORDS = [(r"^ct\b|^cta\b", "CT"), (r"^mr\b|mri", "MRI"), (r"^xr\b|plain film|x-ray", "X-ray"),
+MODALITY_WORDS = [(r"^ct\b|^cta\b", "CT"), (r"^mr\b|mri|^t1\b|^t2\b|^flair\b", "MRI"), (r"^xr\b|plain film|x-ray", "X-ray"),
                   (r"^us\b|ultrasound", "ultrasound"), (r"mammo", "mammography"), (r"^an\b|angio", "angiography"),
-                  (r"^nm\b|nuclear", "nuclear medicine"), (r"pet", "PET"), (r"^gi\b|fluoro", "fluoroscopy")]
+                  (r"^nm\b|nuclear", "nuclear medicine"), (r"pet", "PET"), (r"^gi$|fluoro|barium|^ugi\b|^sbft\b|^be\b", "fluoroscopy")]
 
 
 def _modality_phrase(answer: str) -> str:
     for pat, word in MODALITY_WORDS:
         if re.search(pat, answer):
-            detail = answer.split(" - ", 1)[1] if " - " in answer else ""
+            detail = answer.split(" - ", 1)[1] if " - " in answer else (answer if word == "MRI" else "")
             return f"{word} ({detail})" if detail and detail.lower() != word.lower() else word
     return answer
 
@@ -86,6 +92,17 @@ def vqa_med_texts(answers: dict[str, str]) -> list[str]:
         texts.append(f"{mod}, {plane} plane.")
     if abn:
         texts.append(f"{abn} on {mod or 'imaging'}.")
+    # The plain answers as a user would type them as zero-shot labels, in the shape of the
+    # default prompt templates ("a radiology image of the {}."): without these, the text
+    # tower never meets "gastrointestinal" alone, and plain-label zero-shot falls to chance.
+    # Such texts repeat across images; the loss takes identical texts as shared positives.
+    if organ:
+        texts += [f"a radiology image of the {organ}.", f"{organ}."]
+    if mod:
+        word = mod.split(" (")[0]
+        texts.append(f"a medical image of the {word}." if word == mod else f"{word} image, {mod}.")
+    if plane:
+        texts.append(f"an image showing the {plane}.")
     return texts
 
 
@@ -104,6 +121,7 @@ def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
 
     if not cfg.path:
         raise MedvlUserError("data.path is not set")
+    check_split(cfg.holdout, cfg.part)
     fmt = get_format(cfg.format)
     fmt.check_options(cfg.options, "read")
     conv = fmt.read(Path(cfg.path), **cfg.options)
@@ -111,8 +129,6 @@ def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
     for s in conv.skipped:
         skipped[f"read: {s.reason}"] += 1
     root = Path(cfg.image_root) if cfg.image_root else (Path(cfg.path) if Path(cfg.path).is_dir() else Path(cfg.path).parent)
-    if cfg.format == "vqa-med-2019" and not cfg.image_root and (root / "images").is_dir():
-        root = root / "images"
     exclude: set[str] = set()
     if cfg.exclude_images_of == "bundled:vqa-rad":
         from medvl.data.bundled import load_bundled
@@ -130,6 +146,9 @@ def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
         stem = Path(path).stem
         if stem in exclude:
             skipped[f"image(s) also in {cfg.exclude_images_of}"] += 1
+            continue
+        if not keep_image(stem, cfg.holdout, cfg.holdout_seed, cfg.part):
+            skipped[f"image(s) outside part {cfg.part} (holdout {cfg.holdout:g}, seed {cfg.holdout_seed})"] += 1
             continue
         full = str(resolve_path(path, root))
         if cfg.text_mode == "vqa-med":

@@ -287,6 +287,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | Exception]]:
     path = Path(path)
     if not path.exists():
         raise MedvlUserError("file not found", path=path)
+    if path.is_dir():
+        raise MedvlUserError("is a folder, not a .jsonl file (give the file, or data.format for a dataset folder)",
+                             path=path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

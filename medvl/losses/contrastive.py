@@ -10,6 +10,15 @@ each rank contrasts its batch against the global batch; the local features keep 
 gradient (open_clip's ``ClipLoss`` ``local_loss=False, gather_with_grad=False`` scheme).
 This is the only place in medvl's model code that calls collectives, because the maths
 needs them.
+
+Both take optional ``ids`` ([B] long, one per text): pairs whose texts are identical are
+positives of each other. Texts built from category answers repeat within a batch ("a
+radiology image of the breast." for every breast image). For SigLIP this matters: without
+``ids`` every repeat is a -1 label, pushing an image away from its own correct text. For
+InfoNCE it does not: identical texts give identical logit columns, so the multi-positive
+target (SupCon, Khosla et al. 2020; UniCL, Yang et al. 2022) and the diagonal give the same
+loss and the same gradients (tested); the loss just cannot fall below log k for a text
+shared by k images. Without ``ids`` (or with unique texts) both are the classic losses.
 """
 
 from __future__ import annotations
@@ -30,6 +39,25 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """[B] long per rank -> [world * B] (no gradient to keep)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ids
+    parts = [torch.zeros_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, ids)
+    return torch.cat(parts)
+
+
+def _targets(ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """Class-index targets (no ids) or [B, world*B] row-normalised multi-positive targets."""
+    labels = torch.arange(batch, device=device) + _rank_offset(batch)
+    if ids is None:
+        return labels
+    same = (ids[:, None] == gather_ids(ids)[None, :]).float()  # [B, world*B], diagonal 1
+    return same / same.sum(dim=1, keepdim=True)
+
+
 def _rank_offset(batch: int) -> int:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -38,24 +66,27 @@ def _rank_offset(batch: int) -> int:
 
 
 class ClipLoss(nn.Module):
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        # img, txt: [B, D] L2-normalised; logit_scale: log of the temperature's inverse
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
+        # img, txt: [B, D] L2-normalised; logit_scale: log of the temperature's inverse; ids: [B] text ids
         all_img, all_txt = gather_features(img), gather_features(txt)
         scale = logit_scale.exp()
         logits_i = scale * img @ all_txt.T  # [B, world*B]
         logits_t = scale * txt @ all_img.T  # [B, world*B]
-        labels = torch.arange(img.shape[0], device=img.device) + _rank_offset(img.shape[0])
+        labels = _targets(ids, img.shape[0], img.device)  # same texts -> same column targets both ways
         return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
 class SigLipLoss(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
+                logit_bias: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         all_txt = gather_features(txt)
         logits = logit_scale.exp() * img @ all_txt.T + logit_bias  # [B, world*B]
         z = -torch.ones_like(logits)
         off = _rank_offset(img.shape[0])
         z[torch.arange(img.shape[0]), torch.arange(img.shape[0]) + off] = 1.0
+        if ids is not None:
+            z[ids[:, None] == gather_ids(ids)[None, :]] = 1.0
         return -F.logsigmoid(z * logits).sum() / img.shape[0]
 
 

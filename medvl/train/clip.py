@@ -79,7 +79,7 @@ class _ClipStep(nn.Module):
         self.pooled_cache = pooled_cache  # [T, hidden] or None; a constant, not state
         self.parts: dict[str, float] = {}
 
-    def forward(self, x: torch.Tensor, texts: list, teachers=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, texts: list, teachers=None, ids: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         img = nn.functional.normalize(m.model.encode_image(x), dim=-1).float()  # [B, D]
         if self.pooled_cache is not None:  # texts are indices into the cache
@@ -92,8 +92,8 @@ class _ClipStep(nn.Module):
             self.parts.update({k: float(v) for k, v in out.items() if k != "loss"})
             return out["loss"]
         if self.loss_name == "siglip":
-            return self.loss_fn(img, txt, m.logit_scale, self.logit_bias)
-        return self.loss_fn(img, txt, m.logit_scale)
+            return self.loss_fn(img, txt, m.logit_scale, self.logit_bias, ids=ids)
+        return self.loss_fn(img, txt, m.logit_scale, ids=ids)
 
 
 def _param_groups(cfg: ClipTrainConfig):
@@ -181,8 +181,9 @@ def train_clip(cfg: ClipTrainConfig, *, progress: bool = True) -> dict[str, Any]
                           rotate_degrees=cfg.augment.rotate_degrees, hflip=cfg.augment.hflip)
         x = (x - mean) / std  # [B, 3, S, S]
         t = teacher_batch(distiller, [pairs[i] for i in idx]) if distiller is not None else None
-        loss = engine.module(engine.to_device(x), [text_index[s] for s in texts] if pooled_cache is not None
-                             else texts, engine.to_device(t))
+        ids = torch.tensor([text_index[s] for s in texts])  # [B]; identical texts are positives of each other
+        loss = engine.module(engine.to_device(x), ids.tolist() if pooled_cache is not None else texts,
+                             engine.to_device(t), engine.to_device(ids))
         return StepResult(loss, len(idx), 0, dict(step_module.parts))
 
     def clamp_scale() -> None:

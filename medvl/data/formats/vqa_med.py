@@ -48,6 +48,8 @@ class VQAMed2019Format(Format):
         per_image: Counter = Counter()
         ext = options.get("ext", ".jpg")
         root = options.get("image_dir")
+        if root is None and path.is_dir() and (path / "images").is_dir():  # the dataset's own layout
+            root = str((path / "images").resolve())
         index = 0
         for f in files:
             m = _CAT_FILE.search(f.name)
