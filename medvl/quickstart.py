@@ -22,30 +22,11 @@ from pathlib import Path
 
 from medvl.data.bundled import load_bundled
 
-SHUFFLE_SEEDS = (0, 1, 2)
-
-
-def _per_question(ev: dict) -> tuple[list[float], list[float]]:
-    per = ev["per_sample"]
-    return ([float(x["closed_correct"]) for x in per if x["answer_type"] == "CLOSED"],
-            [float(x["recall"]) for x in per if x["answer_type"] == "OPEN"])
-
-
-def _gap(a: dict, b: list[dict], n_boot: int = 2000) -> dict:
-    """Mean paired difference a - mean(b) per closed / open question, with a bootstrap 95 % CI."""
-    from medvl.eval.bootstrap import bootstrap_mean
-    ca, oa = _per_question(a)
-    cb = [sum(v) / len(b) for v in zip(*(_per_question(x)[0] for x in b))]
-    ob = [sum(v) / len(b) for v in zip(*(_per_question(x)[1] for x in b))]
-    dc, do = [x - y for x, y in zip(ca, cb)], [x - y for x, y in zip(oa, ob)]
-    return {"closed": {"mean": sum(dc) / len(dc), **bootstrap_mean(dc, n_boot, 0)},
-            "open": {"mean": sum(do) / len(do), **bootstrap_mean(do, n_boot, 0)}}
-
-
 def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train: int | None = None) -> int:
     """Train, score, print the table; ``max_train`` keeps the first N training questions (tests)."""
     from medvl.data.controls import image_control
     from medvl.data.loading import strip_images
+    from medvl.eval.image_controls import SHUFFLE_SEEDS, vqa_gap
     from medvl.eval.suites import evaluate_vqa
     from medvl.generate.batched import generate_answers
     from medvl.models.vlm import image_loader_for
@@ -84,7 +65,7 @@ def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train
                 m = [e["metrics"] for e in evs[label]]
                 rows[label] = {k: sum(x[k] for x in m) / len(m) for k in m[0]}
     real = evs["image + question"][0]
-    gaps = {f"image - {k.strip().removeprefix('same, ')}": _gap(real, v) for k, v in evs.items()
+    gaps = {f"image - {k.strip().removeprefix('same, ')}": vqa_gap(real, v) for k, v in evs.items()
             if k != "image + question"}
 
     n_closed = sum(x["answer_type"] == "CLOSED" for x in real["per_sample"])

@@ -1,11 +1,19 @@
-"""Train and evaluate the small VLM shipped in medvl/pretrained/ (what `medvl chat` uses by default).
+"""Train, measure against its controls, and ship the small VLM that ``medvl chat`` uses by default.
 
-    python scripts/build_shipped_vlm.py [--epochs 15] [--out medvl/pretrained/medvl-vqarad-small]
+    python scripts/build_shipped_vlm.py [--recipe recipes/vlm-sft-vqamed-vqarad.yaml] [key=value ...]
+                                        [--out medvl/pretrained/medvl-vqarad-small] [--no-ship]
 
-Same recipe as `medvl quickstart`'s image model: the shipped CLIP's resnet10t tower (frozen),
-mlp2x_gelu connector, a 4-layer Qwen2-architecture LM trained from scratch with a BPE
-vocabulary built from the VQA-RAD training texts, SFT on the bundled VQA-RAD train split,
-then VQA metrics on its test split (written to results.json beside the weights).
+Trains the recipe's image model and its **question-only twin** (the same recipe with
+``question_only: true``), then scores, with 95 % bootstrap CIs and paired gaps
+(:mod:`medvl.eval.image_controls`):
+
+* the VQA-RAD test split (bundled): real image, another test image (3 seeds), a blank
+  image, the twin;
+* the held-out VQA-Med 2019 images of the recipe's ``holdout`` source (never seen by the
+  CLIP tower or the VLM): exact-match accuracy per category, real vs shuffled vs twin.
+
+Writes ``results.json`` and the loss curve beside the weights and copies the model to
+``--out`` unless ``--no-ship``.
 """
 
 from __future__ import annotations
@@ -17,39 +25,101 @@ import time
 from pathlib import Path
 
 from medvl.data.bundled import load_bundled
+from medvl.data.loading import load_training_samples, strip_images
+from medvl.eval.image_controls import control_answers, answers, exact_by_category, paired_gap, vqa_gap
 from medvl.eval.suites import evaluate_vqa
-from medvl.generate.batched import generate_answers
-from medvl.models.vlm import image_loader_for
+from medvl.train.config import load_recipe
 from medvl.train.vlm import VLMTrainConfig, train_vlm
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def vqa_rad_eval(test, preds: dict) -> dict:
+    return evaluate_vqa([s.conversation[-1].text for s in test], [preds[s.id] for s in test],
+                        [s.labels.get("answer_type") for s in test], [s.labels.get("question_type") for s in test],
+                        bootstrap=1000)
+
+
+def held_out_section(cfg: VLMTrainConfig) -> dict | None:
+    for sec in cfg.data.get("sources") or [cfg.data]:
+        if sec.get("holdout"):
+            return dict(sec, part="holdout")
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "vlm-sft-vqamed-vqarad.yaml"))
+    ap.add_argument("overrides", nargs="*")
     ap.add_argument("--out", default=str(REPO / "medvl" / "pretrained" / "medvl-vqarad-small"))
-    ap.add_argument("--work", default="runs/shipped-vlm")
+    ap.add_argument("--no-ship", action="store_true")
+    ap.add_argument("--no-twin", action="store_true")
     args = ap.parse_args()
-    train, test = load_bundled("vqa-rad", "train"), load_bundled("vqa-rad", "test")
-    cfg = VLMTrainConfig(stage="sft", epochs=args.epochs, output_dir=args.work)
     t0 = time.perf_counter()
+    cfg = load_recipe(VLMTrainConfig, args.recipe, args.overrides)
+    train, skipped = load_training_samples(cfg.data)
+    print(f"training samples: {len(train):,}; left out: {skipped or 'nothing'}")
+    test = load_bundled("vqa-rad", "test")
+    sec = held_out_section(cfg)
+    held = load_training_samples(sec)[0] if sec else []
+    work = Path(cfg.output_dir)
     res = train_vlm(cfg, train)
     model, coll = res["model"], res["collator"]
-    preds = dict(generate_answers(model, coll, test, image_loader_for(model), batch_size=64, max_new_tokens=16))
-    ev = evaluate_vqa([s.conversation[-1].text for s in test], [preds[s.id] for s in test],
-                      [s.labels.get("answer_type") for s in test], [s.labels.get("question_type") for s in test])
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(Path(args.work) / "model", out)
-    results = {"metrics": ev["metrics"], "by_question_type": ev["by_question_type"], "train_seconds": res["seconds"],
-               "total_seconds": time.perf_counter() - t0, "epochs": args.epochs,
-               "train_samples_per_s": res["samples_per_s"]}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(ev["metrics"], indent=1))
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"shipped to {out} ({size / 1e6:.1f} MB)")
+    rad = {k: [vqa_rad_eval(test, p) for p in v] for k, v in control_answers(model, coll, test).items()}
+    med = {k: [exact_by_category(held, p) for p in v]
+           for k, v in control_answers(model, coll, held, blank=False).items()} if held else {}
+    twin = None
+    if not args.no_twin:
+        tcfg = load_recipe(VLMTrainConfig, args.recipe, [*args.overrides, "question_only=true",
+                                                         f"output_dir={work}/question-only"])
+        tres = train_vlm(tcfg, train)
+        twin = {"seconds": tres["seconds"],
+                "rad": vqa_rad_eval(test, answers(tres["model"], tres["collator"], strip_images(test))),
+                "med": exact_by_category(held, answers(tres["model"], tres["collator"], strip_images(held)))
+                if held else None}
+    real = rad["real"][0]
+    out = {"recipe": str(args.recipe), "overrides": args.overrides, "train_samples": len(train), "left_out": skipped,
+           "train_seconds": res["seconds"], "train_samples_per_s": res["samples_per_s"],
+           "vqa_rad_test": {k: [{"metrics": e["metrics"], "ci": e["ci"]} for e in v] for k, v in rad.items()},
+           "vqa_rad_by_question_type": real["by_question_type"],
+           "vqa_rad_gaps": {"vs_shuffled": vqa_gap(real, rad["shuffled"]), "vs_blank": vqa_gap(real, rad["blank"])}}
+    if twin:
+        out["vqa_rad_twin"] = {"metrics": twin["rad"]["metrics"], "ci": twin["rad"]["ci"], "train_seconds": twin["seconds"]}
+        out["vqa_rad_gaps"]["vs_twin"] = vqa_gap(real, [twin["rad"]])
+    if held:
+        strip = [{k: v for k, v in e.items() if k != "per_item"} for e in med["real"]]
+        out["vqa_med_held_out"] = {"images": len({s.images[0].path for s in held}), "questions": len(held),
+                                   "real": strip[0], "shuffled": [{k: v for k, v in e.items() if k != "per_item"}
+                                                                 for e in med["shuffled"]],
+                                   "gap_vs_shuffled": paired_gap(med["real"][0]["per_item"],
+                                                                 [e["per_item"] for e in med["shuffled"]])}
+        if twin:
+            out["vqa_med_held_out"]["twin"] = {k: v for k, v in twin["med"].items() if k != "per_item"}
+            out["vqa_med_held_out"]["gap_vs_twin"] = paired_gap(med["real"][0]["per_item"], [twin["med"]["per_item"]])
+    out["total_seconds"] = time.perf_counter() - t0
+    (work / "model" / "results.json").write_text(json.dumps(out, indent=1))
+    if (work / "training_loss.png").exists():
+        shutil.copy(work / "training_loss.png", work / "model" / "training_loss.png")
+    m = lambda e: f"closed {e['metrics']['closed_accuracy']:.3f} open recall {e['metrics']['open_recall']:.3f}"  # noqa: E731
+    print(f"VQA-RAD test: real {m(real)}; shuffled " + " / ".join(m(e) for e in rad["shuffled"]) +
+          f"; blank {m(rad['blank'][0])}" + (f"; twin {m(twin['rad'])}" if twin else ""))
+    for name, g in out["vqa_rad_gaps"].items():
+        print(f"  gap {name}: closed {100 * g['closed']['mean']:+.1f} [{100 * g['closed']['low']:+.1f}, "
+              f"{100 * g['closed']['high']:+.1f}]  open {100 * g['open']['mean']:+.1f} [{100 * g['open']['low']:+.1f}, "
+              f"{100 * g['open']['high']:+.1f}]")
+    if held:
+        h = out["vqa_med_held_out"]
+        print(f"VQA-Med held out ({h['questions']} questions): real {h['real']['accuracy']:.3f} " +
+              json.dumps({k: round(v["accuracy"], 3) for k, v in h["real"]["by_category"].items()}) +
+              f"; shuffled {sum(e['accuracy'] for e in h['shuffled']) / len(h['shuffled']):.3f}" +
+              (f"; twin {h['twin']['accuracy']:.3f}" if twin else ""))
+    if not args.no_ship:
+        dest = Path(args.out)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(work / "model", dest)
+        print(f"shipped to {dest} ({sum(p.stat().st_size for p in dest.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+    print(f"total {out['total_seconds']:.0f} s")
     return 0
 
 

@@ -56,3 +56,17 @@ def test_predict_with_controls_writes_scoreable_files(tmp_path, capsys):
         assert sorted(r["id"] for r in got[mode]) == sorted(r["id"] for r in rows)
     assert "control: blank images for 6 sample(s)" in capsys.readouterr().out
     assert main(["eval", "vqa", "--pred", str(tmp_path / "blank.jsonl"), "--ref", str(data)]) == 0
+
+
+def test_paired_gaps_and_exact_match_by_category():
+    from medvl.data.schema import Media, Sample, Turn
+    from medvl.eval.image_controls import exact_by_category, paired_gap
+    g = paired_gap([1, 1, 1, 0] * 50, [[0, 1, 0, 0] * 50, [0, 1, 1, 0] * 50])
+    assert g["mean"] == pytest.approx(0.375) and g["low"] < 0.375 < g["high"] and g["n"] == 200
+    assert paired_gap([1, 0], [[1, 0]])["mean"] == 0.0
+    samples = [Sample(f"s{i}", [Media(path=f"{i}.jpg")], [Turn("user", "<image>\nq"), Turn("assistant", a)],
+                      labels={"category": c}) for i, (a, c) in enumerate([("Axial", "plane"), ("ct - noncontrast", "modality"),
+                                                                            ("gastrointestinal", "organ")])]
+    res = exact_by_category(samples, {"s0": "axial.", "s1": "CT noncontrast", "s2": "skull and contents"})
+    assert res["per_item"] == [1.0, 1.0, 0.0] and res["by_category"]["organ"]["accuracy"] == 0.0
+    assert res["accuracy"] == pytest.approx(2 / 3)

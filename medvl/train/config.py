@@ -69,11 +69,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = raw
         node = out
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+        for p in parts[:-1]:  # a number indexes a list (data.sources.0.path=...)
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise MedvlUserError(f"override {ov!r}: {p} is not an index of a list of {len(node)}")
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
                 raise MedvlUserError(f"override {ov!r}: {p} is not a section")
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise MedvlUserError(f"override {ov!r}: {last} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
     return out
 
 
