@@ -1,6 +1,6 @@
 """Train, measure against its controls, and ship the small VLM that ``medvl chat`` uses by default.
 
-    python scripts/build_shipped_vlm.py [--recipe recipes/vlm-sft-vqamed-vqarad.yaml] [key=value ...]
+    python scripts/build_shipped_vlm.py [--recipe recipes/vlm-sft-vqarad.yaml] [key=value ...]
                                         [--out medvl/pretrained/medvl-vqarad-small] [--no-ship]
 
 Trains the recipe's image model and its **question-only twin** (the same recipe with
@@ -49,7 +49,7 @@ def held_out_section(cfg: VLMTrainConfig) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(REPO / "recipes" / "vlm-sft-vqamed-vqarad.yaml"))
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "vlm-sft-vqarad.yaml"))
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--out", default=str(REPO / "medvl" / "pretrained" / "medvl-vqarad-small"))
     ap.add_argument("--no-ship", action="store_true")

@@ -87,7 +87,7 @@ def plot_confusions(results: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the VQA-Med 2019 training folder")
-    ap.add_argument("--model", default="medclip-r10t-minilm")
+    ap.add_argument("--model", default="medclip-r10t-minilm-v2")
     ap.add_argument("--holdout", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")

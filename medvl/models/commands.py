@@ -11,7 +11,7 @@ import numpy as np
 
 from medvl.errors import MedvlUserError
 
-DEFAULT_MODEL = "medclip-r10t-minilm"
+DEFAULT_MODEL = "medclip-r10t-minilm-v2"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
