@@ -26,10 +26,8 @@ def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train
     """Train, score, print the table; ``max_train`` keeps the first N training questions (tests)."""
     from medvl.data.controls import image_control
     from medvl.data.loading import strip_images
-    from medvl.eval.image_controls import SHUFFLE_SEEDS, vqa_gap
+    from medvl.eval.image_controls import SHUFFLE_SEEDS, answers, vqa_gap
     from medvl.eval.suites import evaluate_vqa
-    from medvl.generate.batched import generate_answers
-    from medvl.models.vlm import image_loader_for
     from medvl.train.vlm import VLMTrainConfig, train_vlm
 
     t_all = time.perf_counter()
@@ -40,8 +38,7 @@ def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train
 
     def score(model, collator, samples, folder: Path, name: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
-        preds = dict(generate_answers(model, collator, samples, image_loader_for(model), batch_size=64,
-                                      max_new_tokens=16, progress=progress))
+        preds = answers(model, collator, samples, batch_size=64, max_new_tokens=16, progress=progress)
         gen_s = time.perf_counter() - t0
         (folder / f"predictions{name}.jsonl").write_text(
             "\n".join(json.dumps({"id": s.id, "prediction": preds[s.id]}) for s in test) + "\n")

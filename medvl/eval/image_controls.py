@@ -2,12 +2,13 @@
 
 What :mod:`medvl.data.controls` builds (shuffled and blank images), scored the same way as
 the real images, so a reader sees what the image adds: the quickstart's table, the shipped
-model's card and a user's own model (``run_controls``) all come from here. Gaps are paired —
+model's card and a user's own model (``control_answers``) all come from here. Gaps are paired —
 the same questions under two conditions — and summarised as the mean difference with a 95 %
 bootstrap interval; shuffles are averaged per question over their seeds before the
 difference is taken.
 
-VQA-Med 2019 has no closed/open split; it is scored by exact match of the normalised answer
+VQA-Med 2019 has no closed/open split; it is scored by exact match of the answer normalised
+as for VQA (:func:`medvl.eval.vqa.normalise_answer`)
 per category (modality, plane, organ, abnormality), the task's official "accuracy"
 (Ben Abacha et al., CLEF 2019 working notes), whose best reported test accuracy over all
 categories is 0.624.
@@ -15,13 +16,13 @@ categories is 0.624.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Callable, Sequence
 
 from medvl.data.controls import image_control
 from medvl.data.schema import Sample
 from medvl.eval.bootstrap import bootstrap_mean
+from medvl.eval.vqa import normalise_answer
 
 SHUFFLE_SEEDS = (0, 1, 2)
 
@@ -68,16 +69,12 @@ def vqa_gap(a: dict, b: Sequence[dict], n_boot: int = 2000) -> dict:
             "open": paired_gap(oa, [vqa_per_question(x)[1] for x in b], n_boot)}
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
-
-
 def exact_by_category(samples: Sequence[Sample], preds: dict[str, str],
                       category: Callable[[Sample], str] = lambda s: s.labels.get("category", "all")) -> dict:
     """Exact-match accuracy of normalised answers, overall and per category, plus per-item scores."""
     per, by = [], defaultdict(list)
     for s in samples:
-        ok = float(_norm(preds.get(s.id, "")) == _norm(s.conversation[-1].text))
+        ok = float(normalise_answer(preds.get(s.id, "")) == normalise_answer(s.conversation[-1].text))
         per.append(ok)
         by[category(s)].append(ok)
     return {"accuracy": sum(per) / max(len(per), 1), "n": len(per), "per_item": per,

@@ -39,22 +39,12 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """[B] long per rank -> [world * B] (no gradient to keep)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ids
-    parts = [torch.zeros_like(ids) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, ids)
-    return torch.cat(parts)
-
-
 def _targets(ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     """Class-index targets (no ids) or [B, world*B] row-normalised multi-positive targets."""
     labels = torch.arange(batch, device=device) + _rank_offset(batch)
     if ids is None:
         return labels
-    same = (ids[:, None] == gather_ids(ids)[None, :]).float()  # [B, world*B], diagonal 1
+    same = (ids[:, None] == gather_features(ids)[None, :]).float()  # [B, world*B], diagonal 1
     return same / same.sum(dim=1, keepdim=True)
 
 
@@ -86,7 +76,7 @@ class SigLipLoss(nn.Module):
         off = _rank_offset(img.shape[0])
         z[torch.arange(img.shape[0]), torch.arange(img.shape[0]) + off] = 1.0
         if ids is not None:
-            z[ids[:, None] == gather_ids(ids)[None, :]] = 1.0
+            z[ids[:, None] == gather_features(ids)[None, :]] = 1.0
         return -F.logsigmoid(z * logits).sum() / img.shape[0]
 
 
