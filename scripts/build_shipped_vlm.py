@@ -54,9 +54,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "medvl" / "pretrained" / "medvl-vqarad-small"))
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--no-twin", action="store_true")
+    ap.add_argument("--twin-init", default="", help="with init_from (a second stage): the previous stage's "
+                    "question-only twin, which this stage's twin starts from")
     args = ap.parse_args()
     t0 = time.perf_counter()
     cfg = load_recipe(VLMTrainConfig, args.recipe, args.overrides)
+    if cfg.init_from and not args.no_twin and not args.twin_init:
+        ap.error("init_from (a second stage) needs --twin-init: the previous stage's question-only twin")
     train, skipped = load_training_samples(cfg.data)
     print(f"training samples: {len(train):,}; left out: {skipped or 'nothing'}")
     test = load_bundled("vqa-rad", "test")
@@ -71,7 +75,8 @@ def main() -> int:
     twin = None
     if not args.no_twin:
         tcfg = load_recipe(VLMTrainConfig, args.recipe, [*args.overrides, "question_only=true",
-                                                         f"output_dir={work}/question-only"])
+                                                         f"output_dir={work}/question-only"]
+                           + ([f"init_from={args.twin_init}"] if args.twin_init else []))
         tres = train_vlm(tcfg, train)
         twin = {"seconds": tres["seconds"],
                 "rad": vqa_rad_eval(test, answers(tres["model"], tres["collator"], strip_images(test))),

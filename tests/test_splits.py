@@ -64,3 +64,25 @@ def test_sources_must_be_sections():
         load_training_samples({"sources": "vqa-rad/train"})
     with pytest.raises(MedvlUserError, match=r"sources\[0\]"):
         load_training_samples({"sources": ["vqa-rad/train"]})
+
+
+def test_source_weights_repeat_subsample_or_only_hold_out():
+    from medvl.data.loading import load_training_samples
+    rad = load_training_samples({"path": "vqa-rad/train"})[0]
+    n = len(rad)
+    tripled, _ = load_training_samples({"sources": [{"path": "vqa-rad/train", "weight": 3}]})
+    assert len(tripled) == 3 * n and len({s.id for s in tripled}) == 3 * n
+    assert [s.conversation for s in tripled[n:2 * n]] == [s.conversation for s in rad]
+    a, left = load_training_samples({"sources": [{"path": "vqa-rad/train", "weight": 1.5}]})
+    b, _ = load_training_samples({"sources": [{"path": "vqa-rad/train", "weight": 1.5}]})
+    assert len(a) == n + round(0.5 * n) and [s.id for s in a] == [s.id for s in b]  # seeded
+    assert len({s.id for s in a}) == len(a) and not left
+    quarter, left = load_training_samples({"sources": [{"path": "vqa-rad/train", "weight": 0.25}]})
+    assert len(quarter) == round(0.25 * n) and left == {"vqa-rad/train: left out by weight 0.25": n - len(quarter)}
+    # weight 0: nothing of the source, but its held-out images still leave the other source
+    only, left = load_training_samples({"sources": [{"path": "vqa-rad/train", "holdout": 0.2, "weight": 0},
+                                                    {"path": "vqa-rad/train"}]})
+    assert 0.1 * n < len(only) < 0.95 * n
+    assert left["vqa-rad/train: image held out by another source"] == n - len(only)
+    with pytest.raises(MedvlUserError, match=r"sources\[0\]\.weight"):
+        load_training_samples({"sources": [{"path": "vqa-rad/train", "weight": -1}]})

@@ -353,3 +353,29 @@ def test_vlm_recipe_two_processes_ddp_and_fsdp_agree(tmp_path):
     assert out["ddp"].keys() == out["fsdp"].keys()
     for key in out["ddp"]:
         assert torch.allclose(out["ddp"][key], out["fsdp"][key], atol=1e-5), key
+
+
+def test_pretrained_lm_source_cut_to_its_first_blocks(tok, tmp_path):
+    """llm: {source: folder, num_hidden_layers: k} keeps the pretrained LM's first k blocks with their
+    weights, and the saved VLM reloads at that depth."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from medvl.models.build import build_composed
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    m, t = build_composed(SIGLIP, {"name": "mlp2x_gelu"}, {"source": str(tmp_path / "lm"), "num_hidden_layers": 2}, [])
+    assert len(m.llm.model.layers) == 2 and m.llm.config.num_hidden_layers == 2
+    assert torch.equal(m.llm.model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(m.llm.lm_head.weight, lm.lm_head.weight)
+    m.eval().save_vlm(tmp_path / "v")
+    back = load_vlm(tmp_path / "v")
+    ids = torch.tensor([[1] + [m.config.image_token_id] * m.tokens_per_image + [20, 21]])
+    px = torch.randn(1, 3, 32, 32)
+    assert len(back.llm.model.layers) == 2
+    assert torch.allclose(back(ids, pixel_values=px).logits, m(ids, pixel_values=px).logits)
+    with pytest.raises(MedvlUserError, match=r"1 <= k <= 3, got 5"):
+        build_composed(SIGLIP, {"name": "mlp2x_gelu"}, {"source": str(tmp_path / "lm"), "num_hidden_layers": 5}, [])

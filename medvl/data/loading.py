@@ -27,7 +27,11 @@ def load_training_samples(data: dict):
     is counted. ``data.sources: [section, ...]`` mixes several datasets, each a data section
     of its own (ids made unique by prefixing the source's index where they collide); an image
     one source holds out is held out of every source (VQA-RAD shares MedPix images with
-    VQA-Med), so a held-out split stays unseen however the data are mixed."""
+    VQA-Med), so a held-out split stays unseen however the data are mixed. A source's
+    ``weight`` sets its share of the mix: 3 = every sample three times (copies get ids
+    ``ID#2``, ``ID#3``), 0.25 = a seeded quarter of it (by sample, ``holdout_seed``), 0 = none of
+    its samples but its held-out images still apply — how a second, one-dataset stage keeps
+    another dataset's held-out split unseen."""
     samples, skipped, _ = _load_split(data)
     return samples, skipped
 
@@ -53,7 +57,10 @@ def _load_split(data: dict):
                 if s.id in seen:
                     s.id = f"{i}:{s.id}"
                 seen.add(s.id)
-            samples += kept
+            weighted = _weighted(kept, sec, i)
+            if len(weighted) < len(kept):
+                skipped[f"{sec.get('path')}: left out by weight {sec.get('weight'):g}"] = len(kept) - len(weighted)
+            samples += weighted
         return samples, skipped, held
     samples, skipped = _load_one(data)
     fraction, seed, part = float(data.get("holdout", 0) or 0), int(data.get("holdout_seed", 0)), data.get("part", "train")
@@ -68,6 +75,31 @@ def _load_split(data: dict):
             held = {Path(m.path).stem for s in samples for m in s.images if m.path and in_holdout(m.path, fraction, seed)}
         samples = kept
     return samples, skipped, held
+
+
+def _weighted(samples: list, sec: dict, index: int) -> list:
+    """The source's samples at its ``weight``: whole copies, then a seeded subset for the fraction."""
+    import copy
+    import random
+
+    w = sec.get("weight", 1)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        raise MedvlUserError(f"data.sources[{index}].weight must be a number >= 0 (1 = as is, 3 = three times, "
+                             f"0.5 = half), got {w!r}")
+    whole, frac = int(w), w - int(w)
+    def copies(group, k):
+        if k == 1:
+            return list(group)
+        out = [copy.copy(s) for s in group]
+        for c in out:
+            c.id = f"{c.id}#{k}"
+        return out
+
+    out = [c for k in range(1, whole + 1) for c in copies(samples, k)]
+    if frac:
+        part = random.Random(int(sec.get("holdout_seed", 0))).sample(samples, round(frac * len(samples)))
+        out += copies(part, whole + 1)
+    return out
 
 
 def _load_one(data: dict):

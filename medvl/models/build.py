@@ -9,7 +9,8 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
     from scratch, with a BPE tokenizer trained on ``texts`` — deterministic, so a resumed run rebuilds
     the same vocabulary — or ``tokenizer`` when given, e.g. a teacher's) or ``{"source": hub id /
     folder}`` (a pretrained LM and its own tokenizer, with ``<image>`` added; a named offline source of
-    :mod:`medvl.models.lm_sources` such as ``smollm2-135m-instruct`` is fetched and converted once)."""
+    :mod:`medvl.models.lm_sources` such as ``smollm2-135m-instruct`` is fetched and converted once;
+    with ``num_hidden_layers: k`` only its first k blocks are kept, :func:`_keep_layers`)."""
     from medvl.models.tokenizers import build_bpe_tokenizer
     from medvl.models.vlm import MedVLM, MedVLMConfig
 
@@ -23,7 +24,8 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
             tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
         mcfg = MedVLMConfig(vision=vision, connector=connector, llm_source=llm["source"],
                             image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=position_gap)
-        model = MedVLM(mcfg, llm=AutoModelForCausalLM.from_pretrained(path, dtype="float32"))
+        model = MedVLM(mcfg, llm=_keep_layers(AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+                                              llm.get("num_hidden_layers")))
         model.llm.resize_token_embeddings(len(tok), mean_resizing=False)  # <image> rows are overwritten by image features
     else:
         tok = tokenizer if tokenizer is not None else build_bpe_tokenizer(texts, vocab_size=vocab_size)
@@ -33,3 +35,26 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
                             image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=position_gap)
         model = MedVLM(mcfg)
     return model, tok
+
+
+def _keep_layers(lm, k):
+    """The pretrained LM cut to its first ``k`` decoder blocks (embeddings, final norm and head kept).
+
+    Design choice: a cheap LM that still starts from pretrained token embeddings and early-layer
+    features. Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers") show that
+    deep blocks of pretrained LMs can be removed with little loss once briefly fine-tuned; here the cut
+    is far deeper (4 of 30 blocks of SmolLM2-135M) and the fine-tuning is the VLM's SFT, so the kept
+    model is a well-initialised small LM, not a compressed copy of the full one. The saved config
+    records the new depth, so the folder reloads like any other."""
+    if not k:
+        return lm
+    from medvl.errors import MedvlUserError
+    layers = lm.model.layers
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= len(layers):
+        raise MedvlUserError(f"llm.num_hidden_layers with a pretrained source keeps its first k blocks: "
+                             f"1 <= k <= {len(layers)}, got {k!r}")
+    lm.model.layers = layers[:k]
+    lm.config.num_hidden_layers = k
+    if getattr(lm.config, "layer_types", None):
+        lm.config.layer_types = lm.config.layer_types[:k]
+    return lm
