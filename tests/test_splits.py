@@ -86,3 +86,14 @@ def test_source_weights_repeat_subsample_or_only_hold_out():
     assert left["vqa-rad/train: image held out by another source"] == n - len(only)
     with pytest.raises(MedvlUserError, match=r"sources\[0\]\.weight"):
         load_training_samples({"sources": [{"path": "vqa-rad/train", "weight": -1}]})
+
+
+def test_a_question_only_source_beside_the_same_source_with_images():
+    from medvl.data.loading import load_training_samples
+    n = len(load_training_samples({"path": "vqa-rad/train"})[0])
+    mixed, _ = load_training_samples({"sources": [{"path": "vqa-rad/train"},
+                                                  {"path": "vqa-rad/train", "question_only": True}]})
+    assert len(mixed) == 2 * n and len({s.id for s in mixed}) == 2 * n
+    assert all(s.images for s in mixed[:n]) and not any(s.images for s in mixed[n:])
+    assert mixed[n].id == mixed[0].id + "#q" and "<image>" not in mixed[n].conversation[0].text
+    assert mixed[n].conversation[-1].text == mixed[0].conversation[-1].text

@@ -379,3 +379,15 @@ def test_pretrained_lm_source_cut_to_its_first_blocks(tok, tmp_path):
     assert torch.allclose(back(ids, pixel_values=px).logits, m(ids, pixel_values=px).logits)
     with pytest.raises(MedvlUserError, match=r"1 <= k <= 3, got 5"):
         build_composed(SIGLIP, {"name": "mlp2x_gelu"}, {"source": str(tmp_path / "lm"), "num_hidden_layers": 5}, [])
+
+
+def test_vlm_trains_on_batches_mixing_image_and_question_only_samples(tmp_path):
+    from medvl.data.loading import strip_images
+    from medvl.data.bundled import load_bundled
+    from medvl.train.vlm import train_vlm
+    train = load_bundled("vqa-rad", "train")[:24]
+    mixed = train + [s for s in strip_images(train)]
+    for s in mixed[24:]:
+        s.id += "#q"
+    res = train_vlm(_tiny_cfg(tmp_path, group_by_length=False), mixed, progress=False)
+    assert res["steps"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res["log"])

@@ -31,7 +31,11 @@ def load_training_samples(data: dict):
     ``weight`` sets its share of the mix: 3 = every sample three times (copies get ids
     ``ID#2``, ``ID#3``), 0.25 = a seeded quarter of it (by sample, ``holdout_seed``), 0 = none of
     its samples but its held-out images still apply — how a second, one-dataset stage keeps
-    another dataset's held-out split unseen."""
+    another dataset's held-out split unseen. ``question_only: true`` gives a source's samples
+    without their images (ids ``ID#q``): listed beside the same source with images, one model
+    learns the answers' question priors as well as the image evidence — modality dropout
+    done in the data (as the unconditional half of classifier-free guidance training, Ho &
+    Salimans 2022)."""
     samples, skipped, _ = _load_split(data)
     return samples, skipped
 
@@ -53,6 +57,8 @@ def _load_split(data: dict):
             kept = [s for s in got if not any(Path(m.path or "").stem in held for m in s.images)]
             if len(kept) < len(got):
                 skipped[f"{sec.get('path')}: image held out by another source"] = len(got) - len(kept)
+            if sec.get("question_only"):  # modality dropout at the data level: the same questions, no image
+                kept = [_renamed(q, "#q") for q in strip_images(kept)]
             for s in kept:
                 if s.id in seen:
                     s.id = f"{i}:{s.id}"
@@ -75,6 +81,11 @@ def _load_split(data: dict):
             held = {Path(m.path).stem for s in samples for m in s.images if m.path and in_holdout(m.path, fraction, seed)}
         samples = kept
     return samples, skipped, held
+
+
+def _renamed(s, suffix: str):
+    s.id = f"{s.id}{suffix}"
+    return s
 
 
 def _weighted(samples: list, sec: dict, index: int) -> list:
