@@ -355,6 +355,15 @@ def test_vlm_recipe_two_processes_ddp_and_fsdp_agree(tmp_path):
         assert torch.allclose(out["ddp"][key], out["fsdp"][key], atol=1e-5), key
 
 
+def _tokenizer_without_image_token(n: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(n - 2)]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>")
+
+
 def test_pretrained_lm_source_cut_to_its_first_blocks(tok, tmp_path):
     """llm: {source: folder, num_hidden_layers: k} keeps the pretrained LM's first k blocks with their
     weights, and the saved VLM reloads at that depth."""
@@ -366,11 +375,12 @@ def test_pretrained_lm_source_cut_to_its_first_blocks(tok, tmp_path):
         "llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
     lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+    _tokenizer_without_image_token(len(tok)).save_pretrained(tmp_path / "lm")  # <image> is added: vocabulary resized
     m, t = build_composed(SIGLIP, {"name": "mlp2x_gelu"}, {"source": str(tmp_path / "lm"), "num_hidden_layers": 2}, [])
     assert len(m.llm.model.layers) == 2 and m.llm.config.num_hidden_layers == 2
+    assert len(t) == len(tok) + 1 and m.llm.get_input_embeddings().weight.shape[0] == len(t)
     assert torch.equal(m.llm.model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
-    assert torch.equal(m.llm.lm_head.weight, lm.lm_head.weight)
+    assert torch.equal(m.llm.lm_head.weight[:len(tok)], lm.lm_head.weight)
     m.eval().save_vlm(tmp_path / "v")
     back = load_vlm(tmp_path / "v")
     ids = torch.tensor([[1] + [m.config.image_token_id] * m.tokens_per_image + [20, 21]])

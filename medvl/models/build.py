@@ -27,6 +27,7 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
         model = MedVLM(mcfg, llm=_keep_layers(AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
                                               llm.get("num_hidden_layers")))
         model.llm.resize_token_embeddings(len(tok), mean_resizing=False)  # <image> rows are overwritten by image features
+        model.config.text_config_dict = model.llm.config.to_dict()  # the saved config must have the resized vocabulary
     else:
         tok = tokenizer if tokenizer is not None else build_bpe_tokenizer(texts, vocab_size=vocab_size)
         tc = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
