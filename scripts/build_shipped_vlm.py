@@ -72,6 +72,10 @@ def main() -> int:
     rad = {k: [vqa_rad_eval(test, p) for p in v] for k, v in control_answers(model, coll, test).items()}
     med = {k: [exact_by_category(held, p) for p in v]
            for k, v in control_answers(model, coll, held, blank=False).items()} if held else {}
+    r0 = rad["real"][0]["metrics"]
+    print(f"image model, VQA-RAD test: closed {r0['closed_accuracy']:.3f} open recall {r0['open_recall']:.3f} "
+          f"({res['seconds']:.0f} s training)" + ("; training its question-only twin next" if not args.no_twin else ""),
+          flush=True)
     twin = None
     if not args.no_twin:
         tcfg = load_recipe(VLMTrainConfig, args.recipe, [*args.overrides, "question_only=true",
