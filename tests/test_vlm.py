@@ -401,3 +401,21 @@ def test_vlm_trains_on_batches_mixing_image_and_question_only_samples(tmp_path):
         s.id += "#q"
     res = train_vlm(_tiny_cfg(tmp_path, group_by_length=False), mixed, progress=False)
     assert res["steps"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res["log"])
+
+
+def test_freeze_embeddings_keeps_the_token_embeddings_and_tied_head(tmp_path):
+    from medvl.data.bundled import load_bundled
+    from medvl.train.policy import resolve_policy
+    from medvl.train.vlm import train_vlm
+    train = load_bundled("vqa-rad", "train")[:16]
+    first = train_vlm(_tiny_cfg(tmp_path), train, progress=False)["model"]
+    before = {k: v.clone() for k, v in first.llm.state_dict().items()}
+    res = train_vlm(_tiny_cfg(tmp_path, init_from=str(tmp_path / "vlm" / "model"), freeze={"embeddings": "frozen"},
+                              output_dir=str(tmp_path / "second")), train, progress=False)
+    after = res["model"].llm.state_dict()
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])  # tied head: the same tensor
+    assert not torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(MedvlUserError, match="freeze.embeddings must be frozen or full"):
+        resolve_policy("sft", {"embeddings": "lora"})
+    assert "embeddings" not in resolve_policy("sft", {})

@@ -5,7 +5,10 @@ composed VLM's ``vision`` / ``connector`` / ``llm`` or, by parameter names, to a
 * ``sft`` — connector + LM (LLaVA stage 2 / MedM-VL finetune);
 * ``vision-tune`` — vision tower + connector, LM frozen (medcap).
 
-``freeze: {llm: lora}`` overrides a stage's entry; LoRA goes through peft
+``freeze: {llm: lora}`` overrides a stage's entry; ``freeze: {embeddings: frozen}`` keeps a
+composed VLM's token embeddings (and a tied output head) as they came — for a pretrained LM
+they then stay equal to its source, so a saved model need not carry them
+(:meth:`medvl.models.vlm.MedVLM.save_vlm`); LoRA goes through peft
 (``get_peft_model``; a ``target_modules`` that matches nothing is an error, not a silent
 no-op) and is merged at export so the saved model loads without peft.
 """
@@ -24,11 +27,16 @@ def resolve_policy(stage: str, overrides: dict) -> dict[str, str]:
     if stage not in STAGES:
         raise MedvlUserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     policy = {**STAGES[stage], **overrides}
+    emb = policy.pop("embeddings", None)
+    if emb not in (None, "frozen", "full"):
+        raise MedvlUserError(f"freeze.embeddings must be frozen or full, got {emb!r}")
     for name in policy:
         if name not in MODULES:
-            raise MedvlUserError(f"freeze: unknown module {name!r} (vision, connector, llm)")
+            raise MedvlUserError(f"freeze: unknown module {name!r} (vision, connector, llm, embeddings)")
         if policy[name] not in ("frozen", "full", "lora"):
             raise MedvlUserError(f"freeze.{name} must be frozen, full or lora, got {policy[name]!r}")
+    if emb:
+        policy["embeddings"] = emb
     return policy
 
 
@@ -54,6 +62,10 @@ def apply_composed(model, policy: dict[str, str], lora: dict) -> None:
             p.requires_grad = policy[name] == "full"
         if policy[name] == "lora":
             setattr(model, name, with_lora(getattr(model, name), lora, name))
+    if "embeddings" in policy:  # after LoRA wrapping: peft freezes the base; this decides the embeddings
+        for m in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings()):
+            for p in (m.parameters() if m is not None else ()):
+                p.requires_grad = policy["embeddings"] == "full"
 
 
 def merge_composed(model, policy: dict[str, str]) -> None:
@@ -74,6 +86,8 @@ def apply_native(model, policy: dict[str, str], lora: dict | None = None):
     from torch import nn
 
     from medvl.models.native import module_of
+    if "embeddings" in policy:
+        raise MedvlUserError("freeze.embeddings is for composed VLMs; a native model's embeddings follow freeze.llm")
     for name, p in model.named_parameters():
         p.requires_grad = policy.get(module_of(name), "full") == "full"
     parts = sorted(m for m in MODULES if policy.get(m) == "lora")

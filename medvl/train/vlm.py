@@ -47,7 +47,7 @@ class VLMTrainConfig(TrainerConfig):
     vocab_size: int = 1024
     """size of the BPE tokenizer trained on the training texts (LM from scratch only)"""
     freeze: dict = field(default_factory=dict)
-    """per-module overrides of the stage's policy: {vision|connector|llm: frozen|full|lora}"""
+    """per-module overrides of the stage's policy: {vision|connector|llm: frozen|full|lora, embeddings: frozen|full}"""
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05,
                                                 "target_modules": r".*\.(q_proj|k_proj|v_proj|o_proj)$"})
     """LoRA settings for modules whose policy is 'lora' (peft): r, alpha, dropout, target_modules (a regex over
