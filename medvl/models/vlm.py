@@ -15,7 +15,9 @@ says both numbers, never a silent truncation. The LM is any ``AutoModelForCausal
 
 Checkpoints: ``save_pretrained`` writes ``config.json`` + ``model.safetensors``;
 :func:`load_vlm` rebuilds the model from the config and loads the weights **strictly**
-(missing or unexpected keys are an error that lists them, unless ``allow_missing``).
+(missing or unexpected keys are an error that lists them, unless ``allow_missing``). A model
+whose LM embeddings stayed frozen at its pretrained source's leaves them out of the checkpoint
+and reads them from that source at load (:mod:`medvl.models.source_weights`).
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ class MedVLMConfig(PretrainedConfig):
 
     def __init__(self, vision: dict | None = None, connector: dict | None = None, text_config: dict | None = None,
                  llm_source: str | None = None, image_token_id: int | None = None, position_gap: int = 0,
-                 **kwargs: Any):
+                 llm_from_source: dict | None = None, **kwargs: Any):
         self.vision = vision or {}
         self.connector = connector or {"name": "mlp2x_gelu"}
         self.text_config_dict = text_config or {}
         self.llm_source = llm_source
         self.image_token_id = image_token_id
         self.position_gap = position_gap  # modality-gap positions (medvl.models.position_ids); 0 = plain
+        self.llm_from_source = llm_from_source  # weights read from llm_source at load (medvl.models.source_weights)
         super().__init__(**kwargs)
 
 
@@ -150,11 +153,19 @@ class MedVLM(PreTrainedModel):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_vlm(self, out: str | Path) -> Path:
+    def save_vlm(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """config.json + model.safetensors (floating tensors cast to ``dtype`` when given); with
+        ``config.llm_from_source`` set, without the rows its LM source provides at load time."""
         from safetensors.torch import save_file
+
+        from medvl.models.source_weights import split_state
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
+        if self.config.llm_from_source:
+            state = split_state(state, self.config.llm_from_source)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(out / "model.safetensors"))
         (out / "config.json").write_text(self.config.to_json_string())
         return out
@@ -246,6 +257,9 @@ def load_vlm(path: str | Path, *, allow_missing: bool = False) -> MedVLM:
                           if k not in ("model_type", "transformers_version")})
     model = MedVLM(cfg)
     state = load_file(str(path / "model.safetensors"))
+    if cfg.llm_from_source:
+        from medvl.models.source_weights import join_state
+        state = join_state(state, cfg.llm_from_source, cfg.llm_source, path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -243,6 +243,9 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
                                            if k.startswith("model.")}, strict=True)
         out_model = out_model.cpu().eval()
         merge_composed(out_model, policy)
+        if policy.get("embeddings") == "frozen" and engine.main:  # leave the source's rows out of the checkpoint
+            from medvl.models.source_weights import share_spec
+            out_model.config.llm_from_source = share_spec(out_model)
         if engine.main:
             out_model.save_vlm(engine.out / "model")
             tok.save_pretrained(str(engine.out / "model" / "tokenizer"))  # own folder: no model config beside it
