@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "medvl" / "pretrained" / "medvl-vqarad-small"))
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--no-twin", action="store_true")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="weights of the shipped copy; bf16 halves it, and the copy is scored again")
     ap.add_argument("--twin-init", default="", help="with init_from (a second stage): the previous stage's "
                     "question-only twin, which this stage's twin starts from")
     args = ap.parse_args()
@@ -127,6 +129,15 @@ def main() -> int:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(work / "model", dest)
+        if args.dtype == "bf16":  # re-save in bf16 and score that copy: its answers are what users get
+            import torch
+
+            from medvl.models.vlm import load_vlm
+            model.save_vlm(dest, dtype=torch.bfloat16)
+            shipped = vqa_rad_eval(test, answers(load_vlm(dest), coll, test))
+            out["shipped_bf16_vqa_rad_test"] = {"metrics": shipped["metrics"], "ci": shipped["ci"]}
+            (dest / "results.json").write_text(json.dumps(out, indent=1))
+            print(f"shipped bf16 copy, VQA-RAD test: {m(shipped)}")
         print(f"shipped to {dest} ({sum(p.stat().st_size for p in dest.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
     print(f"total {out['total_seconds']:.0f} s")
     return 0
