@@ -34,11 +34,23 @@ def fingerprint(t: torch.Tensor) -> str:
 
 
 def source_embedding(source: str) -> torch.Tensor:
-    """The source LM's input-embedding table [V, D] in float32 (fetched / converted once if named)."""
+    """The source LM's input-embedding table [V, D] in float32 (fetched / converted once if named):
+    read as one tensor from a local safetensors folder (a fraction of a second), else through
+    ``from_pretrained`` (a hub id)."""
+    from medvl.models.lm_sources import resolve_lm_source
+    path = Path(resolve_lm_source(source))
+    if path.is_dir():
+        from safetensors import safe_open
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                key = next((k for k in st.keys() if k.endswith("embed_tokens.weight")), None)
+                if key:
+                    return st.get_tensor(key).float()
     from transformers import AutoModelForCausalLM
 
-    from medvl.models.lm_sources import resolve_lm_source
-    lm = AutoModelForCausalLM.from_pretrained(resolve_lm_source(source), dtype=torch.float32)
+    from medvl.models.quiet import expected_unused
+    with expected_unused(()):
+        lm = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else source, dtype=torch.float32)
     return lm.get_input_embeddings().weight.detach()
 
 
