@@ -47,6 +47,32 @@ def held_out_section(cfg: VLMTrainConfig) -> dict | None:
     return None
 
 
+def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test) -> None:
+    """Copy a trained model folder to ``dest``; with ``bf16``, re-save its weights in bf16 and score
+    that copy with its image controls — its answers are what users get."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("question-only"))
+    if dtype == "bf16":
+        import torch
+
+        from medvl.data.collate import VLMCollator
+        from medvl.generate.pipeline import load_model_tokenizer
+        from medvl.models.vlm import load_vlm
+        load_vlm(model_dir).save_vlm(dest, dtype=torch.bfloat16)
+        model = load_vlm(dest)
+        coll = VLMCollator(load_model_tokenizer(dest), tokens_per_image=model.tokens_per_image, max_length=128)
+        rad = {k: [vqa_rad_eval(test, p) for p in v] for k, v in control_answers(model, coll, test).items()}
+        out["shipped_bf16_vqa_rad_test"] = {k: [{"metrics": e["metrics"], "ci": e["ci"]} for e in v]
+                                            for k, v in rad.items()}
+        out["shipped_bf16_vqa_rad_gaps"] = {"vs_shuffled": vqa_gap(rad["real"][0], rad["shuffled"]),
+                                            "vs_blank": vqa_gap(rad["real"][0], rad["blank"])}
+        m = rad["real"][0]["metrics"]
+        print(f"shipped bf16 copy, VQA-RAD test: closed {m['closed_accuracy']:.3f} open recall {m['open_recall']:.3f}")
+    (dest / "results.json").write_text(json.dumps(out, indent=1))
+    print(f"shipped to {dest} ({sum(p.stat().st_size for p in dest.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "vlm-sft-vqarad.yaml"))
@@ -56,10 +82,19 @@ def main() -> int:
     ap.add_argument("--no-twin", action="store_true")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="weights of the shipped copy; bf16 halves it, and the copy is scored again")
+    ap.add_argument("--ship-run", metavar="DIR", help="ship a run this script already trained and scored (its "
+                    "output_dir): no training; with --dtype bf16 the copy is scored again")
     ap.add_argument("--twin-init", default="", help="with init_from (a second stage): the previous stage's "
                     "question-only twin, which this stage's twin starts from")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.ship_run:
+        run = Path(args.ship_run) / "model"
+        if not (run / "results.json").is_file():
+            ap.error(f"{run} has no results.json: train and score it with this script first")
+        ship(run, Path(args.out), args.dtype, json.loads((run / "results.json").read_text()),
+             load_bundled("vqa-rad", "test"))
+        return 0
     cfg = load_recipe(VLMTrainConfig, args.recipe, args.overrides)
     if cfg.init_from and not args.no_twin and not args.twin_init:
         ap.error("init_from (a second stage) needs --twin-init: the previous stage's question-only twin")
@@ -125,20 +160,7 @@ def main() -> int:
               f"; shuffled {sum(e['accuracy'] for e in h['shuffled']) / len(h['shuffled']):.3f}" +
               (f"; twin {h['twin']['accuracy']:.3f}" if twin else ""))
     if not args.no_ship:
-        dest = Path(args.out)
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(work / "model", dest)
-        if args.dtype == "bf16":  # re-save in bf16 and score that copy: its answers are what users get
-            import torch
-
-            from medvl.models.vlm import load_vlm
-            model.save_vlm(dest, dtype=torch.bfloat16)
-            shipped = vqa_rad_eval(test, answers(load_vlm(dest), coll, test))
-            out["shipped_bf16_vqa_rad_test"] = {"metrics": shipped["metrics"], "ci": shipped["ci"]}
-            (dest / "results.json").write_text(json.dumps(out, indent=1))
-            print(f"shipped bf16 copy, VQA-RAD test: {m(shipped)}")
-        print(f"shipped to {dest} ({sum(p.stat().st_size for p in dest.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
+        ship(work / "model", Path(args.out), args.dtype, out, test)
     print(f"total {out['total_seconds']:.0f} s")
     return 0
 
