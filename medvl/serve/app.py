@@ -208,7 +208,7 @@ class Server:
                           on_text=on_text)
 
 
-def create_app(vlm: str | None = "medvl-vqarad-small", clip: str | None = "medclip-r10t-minilm-v2",
+def create_app(vlm: str | None = "medvl-vqarad-smollm2", clip: str | None = "medclip-r10t-minilm-v2",
                cfg: ServeConfig | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
