@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tower-precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the vision tower under bf16 autocast (faster on CPUs with bf16 units; answers may "
-                        "differ slightly: 99.1%% unchanged on VQA-RAD for the shipped model)")
+                        "differ slightly: 99.1%% unchanged on VQA-RAD for medvl-vqarad-small)")
     p.add_argument("--sasg", type=int, default=0, metavar="N",
                    help="semantic-aware selective generation: sample N answers, keep the one that agrees most "
                         "with the others (MiniLM sentence embeddings)")
