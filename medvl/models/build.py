@@ -44,7 +44,7 @@ def _keep_layers(lm, k):
     Design choice: a cheap LM that still starts from pretrained token embeddings and early-layer
     features. Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers") show that
     deep blocks of pretrained LMs can be removed with little loss once briefly fine-tuned; here the cut
-    is far deeper (4 of 30 blocks of SmolLM2-135M) and the fine-tuning is the VLM's SFT, so the kept
+    is far deeper (8 of 30 blocks of SmolLM2-135M in the default VLM) and the fine-tuning is the VLM's SFT, so the kept
     model is a well-initialised small LM, not a compressed copy of the full one. The saved config
     records the new depth, so the folder reloads like any other."""
     if not k:
