@@ -303,3 +303,43 @@ def test_the_openai_client_talks_to_a_running_server(img):
         assert len(emb.data[0].embedding) > 0
         with pytest.raises(openai.NotFoundError):
             cl.chat.completions.create(model="nope", messages=msg)
+
+
+def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
+    """Requests that start with the template's prefix reuse its cached KV (rows laid out
+    [prefix | padding | rest]); greedy answers, alone and batched, equal those of a decoder that
+    prefills everything; a request with its own system turn takes the full prefill."""
+    from medvl.data.schema import Turn
+    from medvl.generate.continuous import ContinuousDecoder, GenRequest, content_key
+    from medvl.serve.app import Server
+
+    server = Server(VLM, None, ServeConfig())
+    pipe = server.pipe
+    prefix = server.template_prefix()
+    assert prefix and pipe.tokenizer.decode(prefix).endswith("user\n")
+    test = load_bundled("vqa-rad", "test")[:16]
+    own_system = test[0].__class__("sys", test[0].images, [Turn("system", "You read radiographs.")]
+                                   + list(test[0].conversation[:1]))
+
+    def reqs():
+        return [GenRequest(pipe.collator.prompt_ids(s), list(s.images),
+                           [content_key(open(s.images[0].path, "rb").read())], max_new_tokens=6)
+                for s in test + [own_system]]
+
+    def answers(dec, batched):
+        rs = reqs()
+        if batched:
+            return [f.result(timeout=120) for f in [dec.submit(r) for r in rs]]
+        return [dec.submit(r).result(timeout=120) for r in rs]
+
+    with_prefix = ContinuousDecoder(pipe.model, pipe.tokenizer, pipe.image_fn, prefix_ids=prefix)
+    plain = ContinuousDecoder(pipe.model, pipe.tokenizer, pipe.image_fn)
+    try:
+        ref = answers(plain, False)
+        assert answers(with_prefix, False) == ref
+        assert answers(with_prefix, True) == ref
+        assert with_prefix.counters["prefix_hits"] == 2 * len(test)  # the own-system request missed both times
+        assert plain.counters["prefix_hits"] == 0
+    finally:
+        with_prefix.close(), plain.close()
+        server.close()

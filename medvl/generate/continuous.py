@@ -18,7 +18,16 @@ alone — the test compares greedy answers under load with answers served one at
 This is the scheme of vLLM / TGI (Kwon et al. 2023, "Efficient Memory Management for Large
 Language Model Serving with PagedAttention"; Yu et al. 2022, "Orca") without paged memory:
 the cache is a dense ``DynamicCache`` re-packed on joins and leaves, which is what a
-CPU-sized model wants. Native Hugging Face VLMs are not served this way: Qwen2-VL keeps
+CPU-sized model wants.
+
+Prompt-prefix cache: every chat prompt starts with the same template tokens (SmolLM2's
+default system turn and ``<|im_start|>user``: 25 of a VQA-RAD prompt's 55 tokens). Given
+``prefix_ids``, their KV is computed once and copied into each prefill of requests that start
+with them, so only the rest is run — the fixed-prefix case of vLLM's automatic prefix caching
+and SGLang's RadixAttention (Zheng et al. 2024). The rows are laid out as ``[prefix | padding |
+rest]``; positions count real tokens, so the cached keys (rotated at positions 0..P-1) are the
+ones each row would have computed. Models with their own position ids (the modality gap) and
+requests that do not start with the prefix (a client's own system turn) take the full prefill. Native Hugging Face VLMs are not served this way: Qwen2-VL keeps
 per-request rotary deltas outside the cache, and LLaVA-style native models would need
 their own prefill; ``medvl serve`` takes composed models.
 """
@@ -108,8 +117,13 @@ class VisionCache:
 
 class ContinuousDecoder:
     def __init__(self, model, tokenizer, image_fn: Callable, *, max_batch: int = 32, max_queue: int = 64,
-                 cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", join_every: int = 4):
+                 cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", join_every: int = 4,
+                 prefix_ids: list[int] | None = None):
         self.model, self.tok, self.image_fn = model, tokenizer, image_fn
+        image_id = getattr(model.config, "image_token_id", None)
+        usable = (prefix_ids and image_id not in prefix_ids and not getattr(model.config, "position_gap", 0))
+        self.prefix_ids: list[int] = list(prefix_ids) if usable else []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, H, P, D]
         self.max_batch = max(1, max_batch)
         self.join_every = max(1, join_every)
         self._since_join = 0
@@ -125,7 +139,7 @@ class ContinuousDecoder:
         self.pos: torch.Tensor | None = None  # [b] last position of each row
         self.last: torch.Tensor | None = None  # [b] last token of each row
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0, "row_steps": 0, "prefills": 0,
-                         "failed": 0}
+                         "failed": 0, "prefix_hits": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="medvl-decoder", daemon=True)
         self.thread.start()
@@ -211,22 +225,48 @@ class ContinuousDecoder:
         keys = [k for r in reqs for k in r.image_keys]
         return torch.stack([found[k] for k in keys]) if keys else None
 
-    @torch.no_grad()
     def _prefill(self, reqs: list[GenRequest]) -> None:
+        P = len(self.prefix_ids)
+        hit = [r for r in reqs if P and len(r.ids) > P and r.ids[:P] == self.prefix_ids]
+        miss = [r for r in reqs if not any(r is h for h in hit)]
+        for group, p in ((hit, P), (miss, 0)):
+            if group:
+                self._prefill_rows(group, p)
+
+    def _prefix_cache(self, n: int):
+        """A fresh DynamicCache holding the prompt prefix's KV for ``n`` rows."""
         from transformers import DynamicCache
         m = self.model
-        T = max(len(r.ids) for r in reqs)
+        if self._prefix_kv is None:
+            ids = torch.tensor([self.prefix_ids], device=m.device)  # [1, P]
+            out = m.llm(inputs_embeds=m.embed(ids, None), use_cache=True, past_key_values=DynamicCache(),
+                        logits_to_keep=1)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self._prefix_kv):
+            cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), i)
+        return cache
+
+    @torch.no_grad()
+    def _prefill_rows(self, reqs: list[GenRequest], P: int) -> None:
+        """Prefill these requests together; with ``P`` > 0 their first P tokens are the cached
+        prefix and only the rest runs: rows laid out [prefix | left padding | rest]."""
+        from transformers import DynamicCache
+        m = self.model
+        T = max(len(r.ids) - P for r in reqs)
         ids = torch.full((len(reqs), T), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), T), dtype=torch.long)
-        for i, r in enumerate(reqs):  # left padding
-            ids[i, T - len(r.ids):] = torch.tensor(r.ids)
-            mask[i, T - len(r.ids):] = 1
+        mask = torch.zeros((len(reqs), P + T), dtype=torch.long)
+        mask[:, :P] = 1
+        for i, r in enumerate(reqs):  # left padding of the rest
+            ids[i, T - (len(r.ids) - P):] = torch.tensor(r.ids[P:])
+            mask[i, P + T - (len(r.ids) - P):] = 1
         ids, mask = ids.to(m.device), mask.to(m.device)
         emb = m.embed(ids, None, self._vision(reqs))  # [n, T, D]
-        pos = m.position_ids(ids, mask)
+        pos = None if P else m.position_ids(ids, mask)
         if pos is None:
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
-        cache = DynamicCache()
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [n, T]: real tokens before each
+        cache = self._prefix_cache(len(reqs)) if P else DynamicCache()
+        self.counters["prefix_hits"] += len(reqs) if P else 0
         out = m.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
         for r in reqs:

@@ -131,7 +131,8 @@ class Server:
             self.decoder = ContinuousDecoder(self.pipe.model, self.pipe.tokenizer, self.pipe.image_fn,
                                              max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                              cache_bytes=int(cfg.image_cache_mb * 2**20),
-                                             tower_precision=cfg.tower_precision)
+                                             tower_precision=cfg.tower_precision,
+                                             prefix_ids=self.template_prefix())
         if clip:
             from medvl.models.clip import load_clip
             from medvl.serve.clip_batch import ClipRunner
@@ -195,6 +196,16 @@ class Server:
         media = [self.store.decode(p.image_url.url)[0] for p in images]  # last: every other check passed
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
+
+    def template_prefix(self) -> list[int]:
+        """The tokens every default chat prompt starts with (the template's system turn and the
+        user turn's opening): the longest common prefix of two prompts that differ only in their
+        question, cut before the first image token. The decoder caches their KV."""
+        from medvl.data.schema import Sample, Turn
+        a, b = (self.pipe.collator.prompt_ids(Sample(q, [], [Turn("user", "<image>\n" + q)])) for q in ("Is it", "What"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        img = self.pipe.model.config.image_token_id
+        return a[:a.index(img)] if img in a[:n] else a[:n]
 
     def gen_request(self, sample, media, settings, on_text=None):
         """The decoder's request for a parsed chat: prompt ids, the images (the decoded pixels stay
