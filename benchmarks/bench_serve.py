@@ -2,10 +2,12 @@
 server build, same run — closed-loop clients, open-loop Poisson arrivals, zero-shot, memory.
 
     python benchmarks/bench_serve.py [--requests 256] [--memory-requests 10000]
+                                     [--model medvl-vqarad-small] [--clip medclip-r10t-minilm]
                                      [--baseline-src PATH] [--pin]
 
-Each server runs in its own process (``medvl serve --model medvl-vqarad-small --clip
-medclip-r10t-minilm``), started as ``--max-batch 32`` (continuous batching) and
+Each server runs in its own process (``medvl serve --model MODEL --clip CLIP``; by default the
+first shipped VLM and CLIP, which the earlier builds can serve too — ``--model
+medvl-vqarad-smollm2 --clip medclip-r10t-minilm-v2`` measures today's defaults), started as ``--max-batch 32`` (continuous batching) and
 ``--max-batch 1`` (one request at a time: the same code with one row in flight and CLIP
 batches of one). ``--baseline-src PATH`` adds a third server started from another checkout
 of medvl (e.g. ``git worktree add /tmp/medvl-old <commit>``), to compare with an earlier
@@ -56,12 +58,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(max_batch: int, src: Path | None = None, pin: bool = False) -> tuple[subprocess.Popen, str]:
+def start(max_batch: int, model: str, clip: str, src: Path | None = None,
+          pin: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    cmd = [sys.executable, "-m", "medvl.cli", "serve", "--model", "medvl-vqarad-small", "--clip", "medclip-r10t-minilm",
+    cmd = [sys.executable, "-m", "medvl.cli", "serve", "--model", model, "--clip", clip,
            "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "512"]
     if pin:
         env["OMP_NUM_THREADS"] = "1"
@@ -89,13 +92,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def chat_bodies() -> list[dict]:
+def chat_bodies(model: str) -> list[dict]:
     from medvl.data.bundled import load_bundled
     out = []
     for s in load_bundled("vqa-rad", "test"):
         uri = "data:image/jpeg;base64," + base64.b64encode(Path(s.images[0].path).read_bytes()).decode()
         q = s.conversation[0].text.replace("<image>\n", "")
-        out.append({"model": "medvl-vqarad-small", "max_tokens": 8,
+        out.append({"model": Path(model).name, "max_tokens": 8,
                     "messages": [{"role": "user", "content": [{"type": "text", "text": q},
                                                                {"type": "image_url", "image_url": {"url": uri}}]}]})
     return out
@@ -240,8 +243,9 @@ def plot(results: dict, png: Path) -> None:
     ax2.set_xlabel("offered load (requests/s)")
     ax2.set_ylabel("answers/s")
     ax2.legend(fontsize=7)
-    fig.suptitle("medvl serve, VQA-RAD chat with images, 2 CPU cores" + (" (server and load pinned apart)"
-                                                                         if results["pinned"] else ""), fontsize=9)
+    model = Path(results.get("model", "medvl-vqarad-small")).name
+    pinned = " (server and load pinned apart)" if results["pinned"] else ""
+    fig.suptitle(f"medvl serve ({model}), VQA-RAD chat with images, 2 CPU cores{pinned}", fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -255,7 +259,10 @@ def main() -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 40, 60, 80, 120, 160])
     ap.add_argument("--open-seconds", type=float, default=8.0, help="seconds of arrivals per open-loop rate")
     ap.add_argument("--p99-limit", type=float, default=3000.0, help="stop raising the rate past this p99 (ms)")
+    ap.add_argument("--model", default="medvl-vqarad-small", help="VLM the servers load")
+    ap.add_argument("--clip", default="medclip-r10t-minilm", help="CLIP the servers load")
     ap.add_argument("--baseline-src", help="another medvl checkout to start a third server from")
+    ap.add_argument("--baseline-name", default="windowed_baseline", help="its name in the results and the plot")
     ap.add_argument("--pin", action="store_true", help="server on CPU 1, load generator on CPU 0 (taskset)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "serve_latency.png"))
@@ -268,14 +275,14 @@ def main() -> int:
         if not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
             raise SystemExit("--pin needs taskset and 2 CPUs")
         os.sched_setaffinity(0, {0})
-    chat, zs = chat_bodies(), zero_shot_bodies()
-    results: dict = {"pinned": args.pin, "rates": args.rates, "servers": {}}
+    chat, zs = chat_bodies(args.model), zero_shot_bodies()
+    results: dict = {"pinned": args.pin, "rates": args.rates, "model": args.model, "clip": args.clip, "servers": {}}
     runs = [("continuous", 32, None), ("one_at_a_time", 1, None)]
     if args.baseline_src:
-        runs.append(("windowed_baseline", 32, Path(args.baseline_src)))
+        runs.append((args.baseline_name, 32, Path(args.baseline_src)))
     for name, mb, src in runs:
         print(f"{name}: starting", flush=True)
-        proc, url = start(mb, src, args.pin)
+        proc, url = start(mb, args.model, args.clip, src, args.pin)
         try:
             results["servers"][name] = r = bench_server(name, url, proc, chat, zs, args)
             if name == "continuous" and args.memory_requests:
@@ -302,8 +309,8 @@ def main() -> int:
                   + (f"  rows/step {x['mean_rows_per_step']:.1f}" if "mean_rows_per_step" in x else ""))
     print(f"continuous vs one at a time, 16 clients: chat {results['chat_ratio_16_clients']:.2f}x, "
           f"zero-shot {results['zero_shot_ratio_16_clients']:.2f}x")
-    if "windowed_baseline" in S:
-        w = S["windowed_baseline"]
+    if args.baseline_src:
+        w = S[args.baseline_name]
         print(f"vs the baseline build at 16 clients: chat {c['c16']['answers_per_s'] / w['c16']['answers_per_s']:.2f}x, "
               f"p99 {c['c16']['p99_ms']:.0f} vs {w['c16']['p99_ms']:.0f} ms")
     if "memory" in c:
