@@ -7,8 +7,8 @@ server build, same run — closed-loop clients, open-loop Poisson arrivals, zero
 
 Each server runs in its own process (``medvl serve --model MODEL --clip CLIP``; by default the
 first shipped VLM and CLIP, which the earlier builds can serve too — ``--model
-medvl-vqarad-smollm2 --clip medclip-r10t-minilm-v2`` measures today's defaults), started as ``--max-batch 32`` (continuous batching) and
-``--max-batch 1`` (one request at a time: the same code with one row in flight and CLIP
+medvl-vqarad-smollm2 --clip medclip-r10t-minilm-v2`` measures today's defaults), started as
+``--max-batch 32`` (continuous batching) and ``--max-batch 1`` (one request at a time: the same code with one row in flight and CLIP
 batches of one). ``--baseline-src PATH`` adds a third server started from another checkout
 of medvl (e.g. ``git worktree add /tmp/medvl-old <commit>``), to compare with an earlier
 build side by side.

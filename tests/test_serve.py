@@ -309,7 +309,7 @@ def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
     """Requests that start with the template's prefix reuse its cached KV (rows laid out
     [prefix | padding | rest]); greedy answers, alone and batched, equal those of a decoder that
     prefills everything; a request with its own system turn takes the full prefill."""
-    from medvl.data.schema import Turn
+    from medvl.data.schema import Sample, Turn
     from medvl.generate.continuous import ContinuousDecoder, GenRequest, content_key
     from medvl.serve.app import Server
 
@@ -318,8 +318,7 @@ def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
     prefix = server.template_prefix()
     assert prefix and pipe.tokenizer.decode(prefix).endswith("user\n")
     test = load_bundled("vqa-rad", "test")[:16]
-    own_system = test[0].__class__("sys", test[0].images, [Turn("system", "You read radiographs.")]
-                                   + list(test[0].conversation[:1]))
+    own_system = Sample("sys", test[0].images, [Turn("system", "You read radiographs.")] + test[0].conversation[:1])
 
     def reqs():
         return [GenRequest(pipe.collator.prompt_ids(s), list(s.images),
@@ -341,5 +340,6 @@ def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
         assert with_prefix.counters["prefix_hits"] == 2 * len(test)  # the own-system request missed both times
         assert plain.counters["prefix_hits"] == 0
     finally:
-        with_prefix.close(), plain.close()
+        with_prefix.close()
+        plain.close()
         server.close()

@@ -21,15 +21,17 @@ the cache is a dense ``DynamicCache`` re-packed on joins and leaves, which is wh
 CPU-sized model wants.
 
 Prompt-prefix cache: every chat prompt starts with the same template tokens (SmolLM2's
-default system turn and ``<|im_start|>user``: 25 of a VQA-RAD prompt's 55 tokens). Given
+default system turn and ``<|im_start|>user``: 24 of a VQA-RAD prompt's 55 tokens). Given
 ``prefix_ids``, their KV is computed once and copied into each prefill of requests that start
 with them, so only the rest is run — the fixed-prefix case of vLLM's automatic prefix caching
 and SGLang's RadixAttention (Zheng et al. 2024). The rows are laid out as ``[prefix | padding |
 rest]``; positions count real tokens, so the cached keys (rotated at positions 0..P-1) are the
 ones each row would have computed. Models with their own position ids (the modality gap) and
-requests that do not start with the prefix (a client's own system turn) take the full prefill. Native Hugging Face VLMs are not served this way: Qwen2-VL keeps
-per-request rotary deltas outside the cache, and LLaVA-style native models would need
-their own prefill; ``medvl serve`` takes composed models.
+requests that do not start with the prefix (a client's own system turn) take the full prefill.
+
+Native Hugging Face VLMs are not served this way: Qwen2-VL keeps per-request rotary deltas
+outside the cache, and LLaVA-style native models would need their own prefill; ``medvl
+serve`` takes composed models.
 """
 
 from __future__ import annotations
@@ -227,8 +229,10 @@ class ContinuousDecoder:
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
         P = len(self.prefix_ids)
-        hit = [r for r in reqs if P and len(r.ids) > P and r.ids[:P] == self.prefix_ids]
-        miss = [r for r in reqs if not any(r is h for h in hit)]
+        hit: list[GenRequest] = []
+        miss: list[GenRequest] = []
+        for r in reqs:
+            (hit if P and len(r.ids) > P and r.ids[:P] == self.prefix_ids else miss).append(r)
         for group, p in ((hit, P), (miss, 0)):
             if group:
                 self._prefill_rows(group, p)
