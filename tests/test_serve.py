@@ -55,7 +55,9 @@ def img():
 
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(create_app(VLM, CLIP, ServeConfig(max_body_bytes=2**20, max_image_pixels=4_000_000))) as c:
+    # fp32: answers under load equal answers alone and the pipeline's exactly (bf16: test_bf16_serving)
+    cfg = ServeConfig(max_body_bytes=2**20, max_image_pixels=4_000_000, precision="fp32")
+    with TestClient(create_app(VLM, CLIP, cfg)) as c:
         yield c
 
 
@@ -313,7 +315,7 @@ def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
     from medvl.generate.continuous import ContinuousDecoder, GenRequest, content_key
     from medvl.serve.app import Server
 
-    server = Server(VLM, None, ServeConfig())
+    server = Server(VLM, None, ServeConfig(precision="fp32"))
     pipe = server.pipe
     prefix = server.template_prefix()
     assert prefix and pipe.tokenizer.decode(prefix).endswith("user\n")
@@ -343,3 +345,42 @@ def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
         with_prefix.close()
         plain.close()
         server.close()
+
+
+def test_bf16_serving_runs_the_whole_model_in_bf16_and_keeps_its_answers(img):
+    """precision=bf16: weights and compute in bfloat16 (the default where the CPU has bf16 units);
+    /ready says so; greedy answers batched agree with answers alone and with fp32 on nearly every
+    question (bf16 kernels round differently with the batch's shape, so not always bit-equal)."""
+    test = load_bundled("vqa-rad", "test")[:16]
+    bodies = [chat_body(data_uri(s.images[0].path), s.conversation[0].text.replace("<image>\n", ""), max_tokens=6)
+              for s in test]
+
+    def content(c, b):
+        return c.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"]
+
+    with TestClient(create_app(VLM, None, ServeConfig(precision="fp32"))) as c:
+        fp32 = [content(c, b) for b in bodies]
+    with TestClient(create_app(VLM, None, ServeConfig(precision="bf16"))) as c:
+        import torch
+        model = c.app.state.server.pipe.model
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert c.get("/ready").json()["chat"]["precision"] == "bf16"
+        alone = [content(c, b) for b in bodies]
+        batched = _concurrently(lambda k: content(c, bodies[k]), len(bodies))
+    assert sum(a == b for a, b in zip(alone, batched)) >= 14
+    assert sum(a == b for a, b in zip(alone, fp32)) >= 14
+
+
+def test_precision_auto_takes_bf16_only_where_the_device_computes_it(monkeypatch):
+    import torch
+
+    from medvl.errors import MedvlUserError
+    from medvl.generate.pipeline import resolve_precision
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    with pytest.raises(MedvlUserError, match="precision must be one of"):
+        resolve_precision("fp16")
+    for amx, avx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v)
+        assert resolve_precision("auto", "cpu") == ("bf16" if amx or avx else "fp32")

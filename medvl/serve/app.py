@@ -60,6 +60,9 @@ class ServeConfig:
     max_labels: int = 64
     max_embedding_inputs: int = 64
     api_key: str | None = None
+    precision: str = "auto"
+    """the VLM's weights, activations and KV cache: fp32, bf16, or auto = bf16 where the device computes it
+    natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32 (medvl.generate.pipeline.resolve_precision)"""
     tower_precision: str = "fp32"
     """'bf16' runs the VLM's vision tower under bf16 autocast (about 3x faster for conv towers on CPUs
     with bf16 units; 99.1 % of VQA-RAD answers unchanged for the shipped model)"""
@@ -126,7 +129,7 @@ class Server:
         if vlm:
             from medvl.generate.continuous import ContinuousDecoder
             from medvl.generate.pipeline import VLMPipeline, resolve_model_path
-            self.pipe = VLMPipeline(resolve_model_path(vlm))
+            self.pipe = VLMPipeline(resolve_model_path(vlm), precision=cfg.precision)
             self.vlm_name = vlm_name or Path(str(vlm)).name
             self.decoder = ContinuousDecoder(self.pipe.model, self.pipe.tokenizer, self.pipe.image_fn,
                                              max_batch=cfg.max_batch, max_queue=cfg.max_queue,
@@ -281,7 +284,7 @@ def create_app(vlm: str | None = "medvl-vqarad-smollm2", clip: str | None = "med
             return error(503, "loading")
         out: dict[str, Any] = {"status": "ready"}
         if server.decoder is not None:
-            out["chat"] = server.decoder.stats()
+            out["chat"] = {"precision": server.pipe.precision, **server.decoder.stats()}
         if server.clip_batcher is not None:
             b = server.clip_batcher
             out["clip"] = {"queue": b.q.qsize(), "batches": b.batches, "batched_requests": b.items,
