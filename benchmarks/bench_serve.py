@@ -59,13 +59,15 @@ def free_port() -> int:
 
 
 def start(max_batch: int, model: str, clip: str, src: Path | None = None,
-          pin: bool = False) -> tuple[subprocess.Popen, str]:
+          pin: bool = False, precision: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if src is not None:
         env["PYTHONPATH"] = str(src)
     cmd = [sys.executable, "-m", "medvl.cli", "serve", "--model", model, "--clip", clip,
            "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "512"]
+    if precision and src is None:  # another checkout may predate --precision: it runs its own default
+        cmd += ["--precision", precision]
     if pin:
         env["OMP_NUM_THREADS"] = "1"
         cmd = ["taskset", "-c", "1"] + cmd
@@ -263,6 +265,8 @@ def main() -> int:
     ap.add_argument("--clip", default="medclip-r10t-minilm", help="CLIP the servers load")
     ap.add_argument("--baseline-src", help="another medvl checkout to start a third server from")
     ap.add_argument("--baseline-name", default="windowed_baseline", help="its name in the results and the plot")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="this build's servers' --precision (auto: bf16 on CPUs with AMX / AVX512-BF16)")
     ap.add_argument("--pin", action="store_true", help="server on CPU 1, load generator on CPU 0 (taskset)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "serve_latency.png"))
@@ -276,15 +280,20 @@ def main() -> int:
             raise SystemExit("--pin needs taskset and 2 CPUs")
         os.sched_setaffinity(0, {0})
     chat, zs = chat_bodies(args.model), zero_shot_bodies()
-    results: dict = {"pinned": args.pin, "rates": args.rates, "model": args.model, "clip": args.clip, "servers": {}}
+    results: dict = {"pinned": args.pin, "rates": args.rates, "model": args.model, "clip": args.clip,
+                     "precision": args.precision, "servers": {}}
     runs = [("continuous", 32, None), ("one_at_a_time", 1, None)]
     if args.baseline_src:
         runs.append((args.baseline_name, 32, Path(args.baseline_src)))
     for name, mb, src in runs:
         print(f"{name}: starting", flush=True)
-        proc, url = start(mb, args.model, args.clip, src, args.pin)
+        proc, url = start(mb, args.model, args.clip, src, args.pin, args.precision)
         try:
+            import httpx
+            prec = httpx.get(url + "/ready", timeout=5).json().get("chat", {}).get("precision", "fp32")
+            print(f"{name}: precision {prec}", flush=True)
             results["servers"][name] = r = bench_server(name, url, proc, chat, zs, args)
+            r["precision"] = prec
             if name == "continuous" and args.memory_requests:
                 mem = [(0, rss_mb(proc.pid))]
 

@@ -360,11 +360,16 @@ def test_bf16_serving_runs_the_whole_model_in_bf16_and_keeps_its_answers(img):
 
     with TestClient(create_app(VLM, None, ServeConfig(precision="fp32"))) as c:
         fp32 = [content(c, b) for b in bodies]
-    with TestClient(create_app(VLM, None, ServeConfig(precision="bf16"))) as c:
+    with TestClient(create_app(VLM, CLIP, ServeConfig(precision="bf16"))) as c:
         import torch
         model = c.app.state.server.pipe.model
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        assert c.get("/ready").json()["chat"]["precision"] == "bf16"
+        convs = [m.weight for m in model.vision.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        ready = c.get("/ready").json()
+        assert ready["chat"]["precision"] == "bf16" and ready["clip"]["precision"] == "bf16"
+        zs = c.post("/v1/zero-shot", json={"image": img, "labels": ["head", "chest", "abdomen"]}).json()
+        assert abs(sum(zs["probs"]) - 1) < 1e-3
         alone = [content(c, b) for b in bodies]
         batched = _concurrently(lambda k: content(c, bodies[k]), len(bodies))
     assert sum(a == b for a, b in zip(alone, batched)) >= 14
@@ -375,7 +380,7 @@ def test_precision_auto_takes_bf16_only_where_the_device_computes_it(monkeypatch
     import torch
 
     from medvl.errors import MedvlUserError
-    from medvl.generate.pipeline import resolve_precision
+    from medvl.models.precision import resolve_precision
 
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
     with pytest.raises(MedvlUserError, match="precision must be one of"):

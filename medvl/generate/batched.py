@@ -23,6 +23,7 @@ import torch
 
 from medvl.data.collate import VLMCollator
 from medvl.data.schema import Sample
+from medvl.models.precision import as_pixels
 
 
 def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], image_fn: Callable,
@@ -49,9 +50,8 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
         """Run the tower once, batched, over the images of this chunk not seen before."""
         new = {key(m): m for m in media_list if key(m) not in encoded}
         if new:
-            px = torch.stack(list(pool.map(pixels, new.values()))).to(model.device, model.dtype)
-            if px.dim() == 4:  # conv towers run faster on NHWC on CPU (same values up to summation order)
-                px = px.contiguous(memory_format=torch.channels_last)
+            # conv towers run faster on NHWC on CPU (same values up to summation order)
+            px = as_pixels(torch.stack(list(pool.map(pixels, new.values()))), model)  # [n_new, C, H, W]
             with torch.no_grad(), torch.autocast(px.device.type, dtype=torch.bfloat16,
                                                  enabled=tower_precision == "bf16"):
                 vt = model.vision(px).to(model.dtype)  # [n_new, N, Dv]

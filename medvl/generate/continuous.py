@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import torch
 
+from medvl.models.precision import as_pixels
+
 
 class QueueFull(Exception):
     pass
@@ -215,9 +217,7 @@ class ContinuousDecoder:
                 else:
                     found[key] = v
         if need:
-            px = torch.stack([self.image_fn(md) for md in need.values()]).to(m.device, m.dtype)
-            if px.dim() == 4:
-                px = px.contiguous(memory_format=torch.channels_last)
+            px = as_pixels(torch.stack([self.image_fn(md) for md in need.values()]), m)  # [n_new, C, H, W]
             with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=self.tower_precision == "bf16"):
                 vt = m.vision(px).to(m.dtype)  # [n_new, N, Dv]
             for key, v in zip(need, vt):

@@ -3,13 +3,9 @@
 ``medvl.load(path)`` returns a :class:`VLMPipeline`; ``medvl predict`` and ``medvl chat``
 use the same object. Images may be any file medvl reads (PNG/JPEG, DICOM, NIfTI, .npy).
 
-Precision: ``fp32`` (the default of ``predict`` / ``chat``, what the model cards report) or
-``bf16`` — weights, activations and KV cache in bfloat16, the whole model; ``auto`` takes bf16
-where the device computes it natively (a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16
-units) and fp32 elsewhere, as ``medvl serve`` does by default. On such a CPU a bf16 matmul runs
-4-6x faster than fp32 (oneDNN's AMX kernels), which is what makes batched serving pay off; answers
-can differ from fp32 in a few percent of questions (measured in docs/serve.md). Emulated bf16 on
-a CPU without those units is slower than fp32, hence ``auto``.
+``precision``: ``fp32`` (the default of ``predict`` / ``chat``, what the model cards report),
+``bf16`` or ``auto`` (bf16 where the device computes it natively, as ``medvl serve`` does);
+see :mod:`medvl.models.precision`.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ from typing import Sequence
 
 from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
+from medvl.models.precision import for_inference
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -43,23 +40,6 @@ def load_model_tokenizer(path: str | Path):
         raise MedvlUserError(f"no tokenizer saved with the model ({e})", path=path) from None
 
 
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """``fp32`` / ``bf16`` as given; ``auto`` -> bf16 where ``device`` computes bf16 natively."""
-    import torch
-    if precision not in PRECISIONS:
-        raise MedvlUserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if str(device).startswith("cuda"):
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    cpu = getattr(torch, "cpu", None)
-    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return "bf16" if native else "fp32"
-
-
 class VLMPipeline:
     def __init__(self, path: str | Path, max_length: int = 512, precision: str = "fp32"):
         self.path = path
@@ -69,10 +49,7 @@ class VLMPipeline:
 
         path = resolve_model_path(path)
         self.model = load_vlm(path)
-        self.precision = resolve_precision(precision, str(self.model.device))
-        if self.precision == "bf16":
-            import torch
-            self.model.to(torch.bfloat16)
+        self.precision = for_inference(self.model, precision)
         self.tokenizer = load_model_tokenizer(path)
         self.collator = VLMCollator(self.tokenizer, tokens_per_image=self.model.tokens_per_image,
                                     max_length=max_length)
@@ -119,10 +96,7 @@ class NativePipeline:
         from medvl.models.native import NativeVLM
         self.path = path
         self.native = NativeVLM.from_pretrained(resolve_model_path(path))
-        self.precision = resolve_precision(precision, str(self.native.model.device))
-        if self.precision == "bf16":
-            import torch
-            self.native.model.to(torch.bfloat16)
+        self.precision = for_inference(self.native.model, precision)
         self.tokenizer = self.native.tok
         self.collator = None
 

@@ -299,7 +299,8 @@ class MedCLIP(nn.Module):
         return self.tokenizer(list(texts)).to(self.device)  # [B, L]
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.model.encode_image(pixels.to(self.device), normalize=normalize)  # [B, D]
+        from medvl.models.precision import as_pixels
+        return self.model.encode_image(as_pixels(pixels, self.model), normalize=normalize)  # [B, D]
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)

@@ -61,7 +61,7 @@ class ServeConfig:
     max_embedding_inputs: int = 64
     api_key: str | None = None
     precision: str = "auto"
-    """the VLM's weights, activations and KV cache: fp32, bf16, or auto = bf16 where the device computes it
+    """the models' weights, activations and KV cache (VLM and CLIP): fp32, bf16, or auto = bf16 where the device computes it
     natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32 (medvl.generate.pipeline.resolve_precision)"""
     tower_precision: str = "fp32"
     """'bf16' runs the VLM's vision tower under bf16 autocast (about 3x faster for conv towers on CPUs
@@ -140,6 +140,8 @@ class Server:
             from medvl.models.clip import load_clip
             from medvl.serve.clip_batch import ClipRunner
             self.clip = load_clip(clip).eval()
+            from medvl.models.precision import for_inference
+            self.clip_precision = for_inference(self.clip, cfg.precision)
             self.clip_name = clip_name or Path(str(clip)).name
             self.clip_runner = ClipRunner(self.clip)
             self.clip_batcher = Batcher(self.clip_runner, cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue)
@@ -289,7 +291,8 @@ def create_app(vlm: str | None = "medvl-vqarad-smollm2", clip: str | None = "med
             b = server.clip_batcher
             out["clip"] = {"queue": b.q.qsize(), "batches": b.batches, "batched_requests": b.items,
                            "mean_batch": b.items / b.batches if b.batches else 0.0,
-                           "label_sets_cached": len(server.clip_runner.class_cache)}
+                           "label_sets_cached": len(server.clip_runner.class_cache),
+                           "precision": server.clip_precision}
         return out
 
     @app.get("/v1/models")
