@@ -389,3 +389,23 @@ def test_precision_auto_takes_bf16_only_where_the_device_computes_it(monkeypatch
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v)
         assert resolve_precision("auto", "cpu") == ("bf16" if amx or avx else "fp32")
+
+
+def test_an_image_asked_again_is_not_decoded_again(client, monkeypatch):
+    """The second question about the same bytes takes the cached vision tokens: the upload is not
+    decoded, the answer is the one it gets when it is."""
+    server = client.app.state.server
+    path = load_bundled("vqa-rad", "test")[5].images[0].path
+    uri = data_uri(path)
+    server.decoder.vision_cache.clear()
+    first = client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6)).json()
+    decodes = []
+    real = server.store.decode
+    monkeypatch.setattr(server.store, "decode", lambda url: decodes.append(url) or real(url))
+    again = client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6)).json()
+    assert decodes == []
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"] > 16
+    server.decoder.vision_cache.clear()
+    client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6))
+    assert len(decodes) == 1  # not cached any more: decoded

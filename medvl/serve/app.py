@@ -196,9 +196,14 @@ class Server:
         if len(stop) > self.cfg.max_stop or any(not x or len(x) > 64 for x in stop):
             raise RequestError(400, f"stop: at most {self.cfg.max_stop} non-empty strings of up to 64 characters")
         settings.update(stop=stop, seed=req.seed)
+        from medvl.data.schema import Media
         from medvl.generate.continuous import content_key
-        settings["image_keys"] = [content_key(p.image_url.url.encode()) for p in images]
-        media = [self.store.decode(p.image_url.url)[0] for p in images]  # last: every other check passed
+        settings["image_keys"] = keys = [content_key(p.image_url.url.encode()) for p in images]
+        # last: every other check passed. An image whose vision tokens are cached (the same bytes were
+        # accepted and encoded before) is not decoded again: the request carries the tokens
+        settings["vision"] = [self.decoder.vision_cache.get(k) for k in keys]
+        media = [Media(None) if v is not None else self.store.decode(p.image_url.url)[0]
+                 for p, v in zip(images, settings["vision"])]
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
 
@@ -219,6 +224,7 @@ class Server:
         from medvl.generate.continuous import GenRequest
         return GenRequest(self.pipe.collator.prompt_ids(sample),
                           [Media(None, modality=m.modality, array=m.array) for m in media], settings["image_keys"],
+                          vision=settings.get("vision", []),
                           max_new_tokens=settings["max_new_tokens"], temperature=settings.get("temperature", 0.0),
                           top_p=settings.get("top_p", 1.0), stop=settings["stop"], seed=settings["seed"],
                           on_text=on_text)
@@ -360,8 +366,7 @@ def create_app(vlm: str | None = "medvl-vqarad-smollm2", clip: str | None = "med
         except asyncio.CancelledError:  # the client went away
             gen.cancel()
             raise
-        n_prompt = len(server.pipe.collator.prompt_ids(sample))
-        n_out = len(server.pipe.tokenizer(answer)["input_ids"]) if answer else 0
+        n_prompt, n_out = len(gen.ids), len(gen.tokens)  # the decoder's own counts (end-of-turn not included)
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                              "finish_reason": "stop"}],
