@@ -3,7 +3,8 @@ server build, same run — closed-loop clients, open-loop Poisson arrivals, zero
 
     python benchmarks/bench_serve.py [--requests 256] [--memory-requests 10000]
                                      [--model medvl-vqarad-small] [--clip medclip-r10t-minilm]
-                                     [--baseline-src PATH] [--pin]
+                                     [--baseline-src PATH] [--pin] [--precision auto|fp32|bf16]
+    python benchmarks/bench_serve.py --rounds 5 ...   # only the 16-client ratios, interleaved
 
 Each server runs in its own process (``medvl serve --model MODEL --clip CLIP``; by default the
 first shipped VLM and CLIP, which the earlier builds can serve too — ``--model
@@ -30,6 +31,12 @@ With ``--pin`` the server runs on CPU 1 and the load generator on CPU 0 (``tasks
 gets one thread) — each side has one core and cannot steal the other's; without it both
 float over the 2 cores (the server's torch uses 2 threads). Results go to
 ``benchmarks/results/serve.json`` and the latency plot to ``docs/img/serve_latency.png``.
+
+``--rounds N`` measures only the 16-client chat and zero-shot ratios, with both servers up at
+once and their phases alternating for N rounds, and reports the median and range: on a shared
+2-core machine one server's phases can land in a slow spell (seen: a one-at-a-time server at
+6.2 answers/s in one full run and 11.6-12.6 in others), which a single sequential run cannot tell
+from a real difference.
 """
 
 from __future__ import annotations
@@ -221,6 +228,43 @@ def bench_server(name: str, url: str, proc, chat: list[dict], zs: list[dict], ar
     return out
 
 
+def interleaved(args, chat: list[dict], zs: list[dict]) -> dict:
+    """Both of this build's servers up at once (an idle one costs no CPU), 16-client closed-loop
+    chat and zero-shot phases alternating between them for ``--rounds`` rounds: a burst of noise on
+    the shared machine then lands on both sides, and the ratio comes with its spread."""
+    procs = {name: start(mb, args.model, args.clip, None, args.pin, args.precision)
+             for name, mb in (("continuous", 32), ("one_at_a_time", 1))}
+    out: dict = {"rounds": []}
+    try:
+        for _, url in procs.values():  # warm-up
+            closed_loop(url, "/v1/chat/completions", chat, 4, 32)
+            closed_loop(url, "/v1/zero-shot", zs, 4, 16)
+        for k in range(args.rounds):
+            rnd = {}
+            for name, (_, url) in procs.items():
+                rnd[name] = {"chat": closed_loop(url, "/v1/chat/completions", chat, 16, args.requests),
+                             "zero_shot": closed_loop(url, "/v1/zero-shot", zs, 16, args.requests)}
+            c, o = rnd["continuous"], rnd["one_at_a_time"]
+            rnd["chat_ratio"] = c["chat"]["answers_per_s"] / o["chat"]["answers_per_s"]
+            rnd["zero_shot_ratio"] = c["zero_shot"]["answers_per_s"] / o["zero_shot"]["answers_per_s"]
+            out["rounds"].append(rnd)
+            print(f"round {k}: chat {c['chat']['answers_per_s']:.1f} vs {o['chat']['answers_per_s']:.1f}/s = "
+                  f"{rnd['chat_ratio']:.2f}x, zero-shot {c['zero_shot']['answers_per_s']:.1f} vs "
+                  f"{o['zero_shot']['answers_per_s']:.1f}/s = {rnd['zero_shot_ratio']:.2f}x", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    for key in ("chat_ratio", "zero_shot_ratio"):
+        xs = sorted(r[key] for r in out["rounds"])
+        out[key] = {"median": statistics.median(xs), "min": xs[0], "max": xs[-1]}
+    print(f"median over {args.rounds} rounds: chat {out['chat_ratio']['median']:.2f}x "
+          f"[{out['chat_ratio']['min']:.2f}, {out['chat_ratio']['max']:.2f}], zero-shot "
+          f"{out['zero_shot_ratio']['median']:.2f}x [{out['zero_shot_ratio']['min']:.2f}, "
+          f"{out['zero_shot_ratio']['max']:.2f}]")
+    return out
+
+
 def plot(results: dict, png: Path) -> None:
     try:
         import matplotlib
@@ -271,6 +315,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "serve_latency.png"))
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="only the 16-client ratios: both servers up, phases alternating for N rounds (median, range)")
     args = ap.parse_args()
     if args.replot:
         plot(json.loads(Path(args.out).read_text()), Path(args.plot))
@@ -280,6 +326,12 @@ def main() -> int:
             raise SystemExit("--pin needs taskset and 2 CPUs")
         os.sched_setaffinity(0, {0})
     chat, zs = chat_bodies(args.model), zero_shot_bodies()
+    if args.rounds:
+        res = {"model": args.model, "clip": args.clip, "precision": args.precision, "pinned": args.pin,
+               **interleaved(args, chat, zs)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
     results: dict = {"pinned": args.pin, "rates": args.rates, "model": args.model, "clip": args.clip,
                      "precision": args.precision, "servers": {}}
     runs = [("continuous", 32, None), ("one_at_a_time", 1, None)]
