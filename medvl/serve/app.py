@@ -17,6 +17,9 @@ Design choices:
 * **Batched CLIP endpoints**: zero-shot and embedding requests that arrive within
   ``batch_wait_ms`` share one image-tower call and one text-tower call
   (:class:`medvl.serve.batcher.Batcher`); the class embeddings of a label set are cached.
+* **Precision** ``auto``: the models run in bf16 where the hardware computes it natively and
+  fp32 elsewhere (:mod:`medvl.models.precision`) — what makes a batch cheap relative to one
+  request on a CPU with AMX (docs/serve.md).
 * **Limits**: body bytes (checked on the stream, not only the header), image bytes and
   pixels, ``max_tokens`` capped, a per-request timeout (504), a bounded queue (503 +
   Retry-After), optional bearer-token auth, JSON-only POST bodies (415). Client mistakes are
