@@ -407,5 +407,7 @@ def test_an_image_asked_again_is_not_decoded_again(client, monkeypatch):
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"] > 16
     server.decoder.vision_cache.clear()
+    misses = server.decoder.vision_cache.misses
     client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6))
     assert len(decodes) == 1  # not cached any more: decoded
+    assert server.decoder.vision_cache.misses == misses + 1  # one miss per image, not one per look-up

@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+    from medvl.models.precision import PRECISIONS
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the model's weights and compute (default fp32, as the model cards report; bf16 is 4-6x "
                         "faster per matmul on CPUs with AMX / AVX512-BF16, answers may differ in a few percent; "
                         "auto = bf16 where native, as medvl serve does)")

@@ -101,11 +101,13 @@ class VisionCache:
         self.bytes = self.hits = self.misses = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, count_miss: bool = True) -> torch.Tensor | None:
+        """The tokens, or None; ``count_miss=False`` for a look-up whose miss the decoder will count
+        when it encodes the image (the server's request handler)."""
         with self._lock:
             v = self.items.get(key)
             if v is None:
-                self.misses += 1
+                self.misses += count_miss
                 return None
             self.items.move_to_end(key)
             self.hits += 1

@@ -16,9 +16,12 @@ makes its convolutions fast.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from medvl.errors import MedvlUserError
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -29,6 +32,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         raise MedvlUserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
+    import torch
     if str(device).startswith("cuda"):
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     cpu = getattr(torch, "cpu", None)
@@ -39,6 +43,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 def for_inference(module: torch.nn.Module, precision: str) -> str:
     """Cast ``module`` in place to the resolved precision, conv weights channels-last; returns
     the precision it now computes in ("fp32" or "bf16")."""
+    import torch
     device = next(module.parameters()).device
     resolved = resolve_precision(precision, str(device))
     if resolved == "bf16":
@@ -49,9 +54,9 @@ def for_inference(module: torch.nn.Module, precision: str) -> str:
     return resolved
 
 
-def as_pixels(px: torch.Tensor, like: torch.nn.Module | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Pixels on the module's device and dtype, channels-last when they are a batch of 2D images."""
-    if like is not None:
-        p = next(like.parameters())
-        px = px.to(p.device, dtype or p.dtype)
+def as_pixels(px: torch.Tensor, like: torch.nn.Module) -> torch.Tensor:
+    """Pixels on ``like``'s device and dtype, channels-last when they are a batch of 2D images."""
+    import torch
+    p = next(like.parameters())
+    px = px.to(p.device, p.dtype)
     return px.contiguous(memory_format=torch.channels_last) if px.dim() == 4 else px

@@ -65,7 +65,7 @@ class ServeConfig:
     api_key: str | None = None
     precision: str = "auto"
     """the models' weights, activations and KV cache (VLM and CLIP): fp32, bf16, or auto = bf16 where the device computes it
-    natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32 (medvl.generate.pipeline.resolve_precision)"""
+    natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32 (medvl.models.precision)"""
     tower_precision: str = "fp32"
     """'bf16' runs the VLM's vision tower under bf16 autocast (about 3x faster for conv towers on CPUs
     with bf16 units; 99.1 % of VQA-RAD answers unchanged for the shipped model)"""
@@ -204,7 +204,7 @@ class Server:
         settings["image_keys"] = keys = [content_key(p.image_url.url.encode()) for p in images]
         # last: every other check passed. An image whose vision tokens are cached (the same bytes were
         # accepted and encoded before) is not decoded again: the request carries the tokens
-        settings["vision"] = [self.decoder.vision_cache.get(k) for k in keys]
+        settings["vision"] = [self.decoder.vision_cache.get(k, count_miss=False) for k in keys]
         media = [Media(None) if v is not None else self.store.decode(p.image_url.url)[0]
                  for p, v in zip(images, settings["vision"])]
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]

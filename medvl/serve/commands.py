@@ -24,8 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens")
     p.add_argument("--max-image-mb", type=float, default=16.0)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the VLM's weights and compute: auto (default) = bf16 where the CPU/GPU computes it natively "
+    from medvl.models.precision import PRECISIONS
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the VLM's and the CLIP's weights and compute: auto (default) = bf16 where the CPU/GPU computes it natively "
                         "(4-6x faster matmuls on AMX CPUs; answers may differ from fp32 in a few percent), else fp32")
     p.add_argument("--tower-precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the vision tower under bf16 autocast (faster on CPUs with bf16 units)")
@@ -51,8 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the event loop and the generation thread hand requests and answers to each other many times
     # per batch; Python's default 5 ms GIL switch interval would add up to that much to each handoff
     sys.setswitchinterval(0.0005)
-    if app.state.server.pipe is not None:
-        print(f"medvl: {app.state.server.vlm_name} in {app.state.server.pipe.precision}")
+    server = app.state.server
+    if server.pipe is not None:
+        print(f"medvl: {server.vlm_name} in {server.pipe.precision}")
+    if server.clip is not None:
+        print(f"medvl: {server.clip_name} in {server.clip_precision}")
     print(f"medvl: serving on http://{args.host}:{args.port}/ (API at /v1, docs at /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
