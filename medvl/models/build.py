@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *, vocab_size: int = 1024,
-                   position_gap: int = 0, tokenizer=None):
+                   position_gap: int = 0, tokenizer=None, system_prompt: str | None = None):
     """A new composed VLM and its tokenizer from a recipe's sections: ``llm`` is an LM config (trained
     from scratch, with a BPE tokenizer trained on ``texts`` — deterministic, so a resumed run rebuilds
     the same vocabulary — or ``tokenizer`` when given, e.g. a teacher's) or ``{"source": hub id /
     folder}`` (a pretrained LM and its own tokenizer, with ``<image>`` added; a named offline source of
     :mod:`medvl.models.lm_sources` such as ``smollm2-135m-instruct`` is fetched and converted once;
-    with ``num_hidden_layers: k`` only its first k blocks are kept, :func:`_keep_layers`)."""
+    with ``num_hidden_layers: k`` only its first k blocks are kept, :func:`_keep_layers`). A
+    ``system_prompt`` is written into the tokenizer's chat template (:func:`with_system_prompt`), so
+    training, ``predict``, ``chat`` and ``serve`` all render the same turns from the saved folder."""
     from medvl.models.tokenizers import build_bpe_tokenizer
     from medvl.models.vlm import MedVLM, MedVLMConfig
 
@@ -35,7 +37,27 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
         mcfg = MedVLMConfig(vision=vision, connector=connector, text_config=tc,
                             image_token_id=tok.convert_tokens_to_ids("<image>"), position_gap=position_gap)
         model = MedVLM(mcfg)
+    if system_prompt is not None:
+        tok.chat_template = with_system_prompt(tok.chat_template, system_prompt)
     return model, tok
+
+
+def with_system_prompt(template: str, system_prompt: str) -> str:
+    """A chat template that gives every conversation without a system turn this one.
+
+    Design choice: an instruct LM's template may add its own default system turn to every prompt
+    (SmolLM2's: "You are a helpful AI assistant named SmolLM, trained by Hugging Face", 16 tokens
+    of a VQA-RAD sample's ~66). A VLM fine-tuned on short questions gains nothing from it and pays
+    for it in every training step and every prefill; ``""`` leaves an empty system turn (5 tokens
+    with ChatML). The choice lives in the template, which is saved with the model's tokenizer, so
+    every consumer of the folder (medvl or plain ``apply_chat_template``) renders the same prompt.
+    A conversation that brings its own system turn keeps it."""
+    import json
+    if not template:
+        from medvl.errors import MedvlUserError
+        raise MedvlUserError("system_prompt needs a tokenizer with a chat template")
+    return ("{% if messages and messages[0]['role'] != 'system' %}{% set messages = "
+            f"[{{'role': 'system', 'content': {json.dumps(system_prompt)}}}] + messages %}}{{% endif %}}" + template)
 
 
 def _keep_layers(lm, k):

@@ -62,6 +62,9 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
         vlm.set_position_gap(cfg.position_gap)
     if cfg.gradient_checkpointing:
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from medvl.train.attention import resolve_attention, set_attention
+    built_attention = set_attention(vlm.model, resolve_attention(cfg.attn_implementation, engine.device.type,
+                                                                 cfg.max_length))
     vlm.model, trainable = apply_native(vlm.model, policy, cfg.lora)
     lora = "lora" in policy.values()
     encoded, ids, dropped = [], [], {}
@@ -112,6 +115,7 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
             vlm.model.save_pretrained(str(engine.out / "adapter"))  # PeftModel.from_pretrained(base, adapter/)
         if lora:  # the exported model is a plain one: adapters merged into the weights
             vlm.model = vlm.model.merge_and_unload()
+        set_attention(vlm.model, built_attention)  # the kernel chosen for training is not the model's
         if engine.main:
             vlm.save(engine.out / "model")
             save_resolved(cfg, engine.out / "model" / "recipe.yaml", "vlm")
