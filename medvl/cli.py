@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_commands.add_parser(sub)
     q = sub.add_parser("quickstart", help="train a small VLM on the bundled VQA-RAD and evaluate it (with and without images)")
     q.add_argument("--out", default="medvl-quickstart")
-    q.add_argument("--epochs", type=int, default=15)
+    q.add_argument("--lm", default="smollm2", choices=["smollm2", "small"],
+                   help="smollm2: SmolLM2-135M-Instruct cut to 4 blocks (fetched once, ~100 MB); small: a 4-layer "
+                        "LM trained from scratch, nothing to fetch")
+    q.add_argument("--epochs", type=int, default=None, help="default: 8 (smollm2), 15 (small)")
     q.set_defaults(func=lambda a: __import__("medvl.quickstart", fromlist=["run_quickstart"]).run_quickstart(
-        __import__("pathlib").Path(a.out), a.epochs))
+        __import__("pathlib").Path(a.out), a.epochs, lm=a.lm))
     return p
 
 

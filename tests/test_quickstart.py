@@ -9,7 +9,7 @@ import pytest
 def test_quickstart_reports_controls_and_paired_gaps(tmp_path, capsys):
     from medvl.quickstart import run_quickstart
 
-    assert run_quickstart(tmp_path, epochs=1, progress=False, max_train=256) == 0
+    assert run_quickstart(tmp_path, epochs=1, progress=False, max_train=256, lm="small") == 0
     out = capsys.readouterr().out
     for row in ("image + question", "same, shuffled image (3 seeds)", "same, blank image", "question only (twin)",
                 "what the image adds"):
