@@ -31,10 +31,11 @@ from medvl.data.bundled import load_bundled
 
 #: what each ``--lm`` trains (VLMTrainConfig keys); ``epochs`` is each preset's default
 PRESETS: dict[str, dict] = {
-    "smollm2": {"vision": {"name": "medclip", "source": "medclip-r10t-minilm-v2"},
+    "smollm2": {"label": "SmolLM2-135M-Instruct, first 4 of 30 blocks, table frozen",
+                "vision": {"name": "medclip", "source": "medclip-r10t-minilm-v2"},
                 "llm": {"source": "smollm2-135m-instruct", "num_hidden_layers": 4},
                 "freeze": {"embeddings": "frozen"}, "system_prompt": "", "lr": 5e-4, "epochs": 8},
-    "small": {"epochs": 15},
+    "small": {"label": "4-layer Qwen2-architecture LM from scratch, 1,024-token BPE", "epochs": 15},
 }
 
 
@@ -53,8 +54,8 @@ def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, 
     if lm not in PRESETS:
         raise MedvlUserError(f"--lm must be one of {', '.join(PRESETS)}, got {lm!r}")
     preset = {**PRESETS[lm], **(overrides or {})}
-    epochs = epochs or preset.pop("epochs")
-    preset.pop("epochs", None)
+    lm_label, default_epochs = preset.pop("label"), preset.pop("epochs")
+    epochs = epochs or default_epochs
     t_all = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_bundled("vqa-rad", "train")[:max_train], load_bundled("vqa-rad", "test")[:max_test]
@@ -91,7 +92,8 @@ def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, 
             if k != "image + question"}
 
     n_closed = sum(x["answer_type"] == "CLOSED" for x in real["per_sample"])
-    print(f"\nVQA-RAD test ({len(test)} questions, {n_closed} closed; closed = yes/no, whole-word, every question "
+    print(f"\nLM: {lm_label} (--lm {lm}), {epochs} epochs, {len(train)} training questions")
+    print(f"VQA-RAD test ({len(test)} questions, {n_closed} closed; closed = yes/no, whole-word, every question "
           "counted; 95% bootstrap CIs)")
     print(f"{'model':<32} {'closed acc':>18} {'open recall':>18} {'open exact':>10} {'train s':>8}")
     for name, r in rows.items():
@@ -107,7 +109,7 @@ def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, 
         print(f"  {name:<30} closed {100 * g['closed']['mean']:+5.1f} pts [{100 * g['closed']['low']:+.1f}, "
               f"{100 * g['closed']['high']:+.1f}]   open recall {100 * g['open']['mean']:+5.1f} pts "
               f"[{100 * g['open']['low']:+.1f}, {100 * g['open']['high']:+.1f}]")
-    (out / "report.json").write_text(json.dumps({"rows": rows, "gaps": gaps}, indent=1))
+    (out / "report.json").write_text(json.dumps({"lm": lm, "epochs": epochs, "rows": rows, "gaps": gaps}, indent=1))
     print(f"\nmodels in {out}/vlm/model and {out}/question-only/model; report {out}/report.json; "
           f"total {time.perf_counter() - t_all:.0f} s")
     return 0
