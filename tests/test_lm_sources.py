@@ -139,6 +139,6 @@ def test_quickstart_default_preset_on_smollm2(smol, monkeypatch, tmp_path, capsy
     rep = json.loads((tmp_path / "report.json").read_text())
     assert set(rep["rows"]) >= {"image + question", "question only (twin)"}
     cfg = json.loads((tmp_path / "vlm" / "model" / "config.json").read_text())
-    assert cfg["llm_source"] == "smollm2-135m-instruct" and cfg["text_config"]["num_hidden_layers"] == 4
+    assert cfg["llm_source"] == "smollm2-135m-instruct" and cfg["text_config_dict"]["num_hidden_layers"] == 4
     tpl = (tmp_path / "vlm" / "model" / "tokenizer" / "chat_template.jinja").read_text()
     assert tpl.startswith("{% if messages and messages[0]['role'] != 'system' %}")
