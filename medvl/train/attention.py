@@ -17,7 +17,8 @@ length   batch  eager ms    sdpa ms
 So ``auto`` trains with ``eager`` on the CPU when the recipe's ``max_length`` is at most 256 and
 with ``sdpa`` otherwise; on CUDA it keeps the model's own choice (fused kernels win there). The
 kernel is switched for training only: the exported model keeps the implementation it was built
-with, and generation is unaffected.
+with, and generation is unaffected — there ``sdpa`` is the faster one (the serving decoder in bf16:
+48.9 against 71.6 ms per answer one at a time, 9.4 against 11.5 in continuous batches).
 """
 
 from __future__ import annotations
