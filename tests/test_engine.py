@@ -88,6 +88,13 @@ def test_resume_refuses_another_run_or_engine(tmp_path):
     other = {"run": st["identity"]["run"], "engine": {"world": 2, "distributed": "fsdp"}}
     with pytest.raises(MedvlUserError, match="same number of processes"):
         checkpoint.load(tmp_path / "r" / "checkpoints" / "last.pt", other)
+    # a checkpoint from before a recipe key existed resumes while that key stays at its default
+    older = {"run": {k: v for k, v in st["identity"]["run"].items() if k != "clip_grad"},
+             "engine": st["identity"]["engine"]}
+    checkpoint.check_identity(older, st["identity"], tmp_path / "r")
+    changed = {**st["identity"], "run": {**st["identity"]["run"], "clip_grad": 0.5}}
+    with pytest.raises(MedvlUserError, match="differs in: clip_grad"):
+        checkpoint.check_identity(older, changed, tmp_path / "r")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MedvlUserError, match="cannot read the checkpoint"):

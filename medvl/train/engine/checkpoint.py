@@ -77,15 +77,31 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return st
 
 
+def field_defaults(cfg) -> dict[str, Any]:
+    """A recipe dataclass's default values by field name (what a key absent from an older checkpoint meant)."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        if dataclasses.is_dataclass(out.get(f.name)):  # as asdict(cfg) writes a nested section
+            out[f.name] = dataclasses.asdict(out[f.name])
+    return out
+
+
 def check_identity(old: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """Raise a user error when a checkpoint's identity is not this run's (engine, world size, recipe)."""
     if old.get("engine") != identity["engine"]:
         raise MedvlUserError(f"the checkpoint was written with {old.get('engine')} and this run is "
                              f"{identity['engine']}: resume with the same number of processes and distribution "
                              "mode, or use another output_dir", path=path)
-    if old.get("run") != identity["run"]:
-        diff = sorted(k for k in set(identity["run"]) | set(old.get("run") or {})
-                      if (old.get("run") or {}).get(k) != identity["run"].get(k))
+    run, before, defaults = identity["run"], old.get("run") or {}, identity.get("defaults") or {}
+    # a recipe key added in a later release, left at its default, does not make an older checkpoint another run
+    diff = sorted(k for k in set(run) | set(before) if before.get(k) != run.get(k)
+                  and not (k not in before and k in defaults and run.get(k) == defaults[k]))
+    if diff:
         raise MedvlUserError(f"{path.parent.parent} holds a checkpoint of a different run (differs in: "
                              f"{', '.join(diff)}); use another output_dir or remove it", path=path)
 

@@ -171,7 +171,8 @@ class Engine:
         params = [p for g in opt.param_groups for p in g["params"]]
         identity = {"run": {k: v for k, v in asdict(cfg).items() if k not in self.ignore_keys},
                     "engine": {"world": self.world,
-                               "distributed": cfg.distributed if self.world > 1 or self.ds else "single"}}
+                               "distributed": cfg.distributed if self.world > 1 or self.ds else "single"},
+                    "defaults": checkpoint.field_defaults(cfg)}
         ckpt = self.out / "checkpoints" / "last.pt"
         pos = {"step": 0, "epoch": 0, "offset": 0, "plan": None}
         ds_dir = self.out / "checkpoints" / "deepspeed"
