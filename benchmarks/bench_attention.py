@@ -1,12 +1,12 @@
 """Attention kernels for training on this machine: eager vs sdpa, forward + backward, per length.
 
-    python benchmarks/bench_attention.py [--lengths 48 128 512 1024] [--tokens 1536] [--repeats 3]
+    python benchmarks/bench_attention.py [--lengths 48 64 96 128 256 512 1024] [--tokens 2048] [--repeats 5]
 
 A two-block Llama of SmolLM2-135M's block shape (576 wide, 1,536 MLP, 9 heads, 3 KV heads;
 random weights — the kernels' cost does not depend on the values), bf16 autocast as the
 trainer runs it, half the rows left-padded by a quarter of their length (a padding mask, as
 in batched SFT), batch = ``--tokens`` / length so every row of the table moves the same number
-of tokens. Each configuration is warmed up twice, then timed over ``--repeats`` steps; the
+of tokens. Each configuration is warmed up twice, then timed as the mean of ``--repeats`` steps; the
 same process runs both kernels on the same inputs. ``auto`` in
 :mod:`medvl.train.attention` is set from this table. Results: ``benchmarks/results/attention.json``.
 """
@@ -47,9 +47,9 @@ def time_step(impl: str, length: int, batch: int, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[48, 128, 512, 1024])
-    ap.add_argument("--tokens", type=int, default=1536)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[48, 64, 96, 128, 256, 512, 1024])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/attention.json"))
     args = ap.parse_args()
     rows = []

@@ -1,19 +1,24 @@
 """Which attention kernel an LM trains with: ``auto`` | ``eager`` | ``sdpa``.
 
-Design choice, measured (2026-12-05, 2 cores with AMX, bf16 autocast, a SmolLM2-shaped block —
-576 wide, 9 heads, 3 KV heads — forward + backward with a padding mask, ``benchmarks/bench_attention.py``):
-PyTorch's CPU flash-attention backward (what ``sdpa`` runs) costs far more than the plain matmul +
-softmax of ``eager`` at the short lengths of VQA fine-tuning, and less at long ones:
+Design choice, measured (2026-12-05, 2 cores with AMX, bf16 autocast, two SmolLM2-shaped blocks —
+576 wide, 9 heads, 3 KV heads — forward + backward with a padding mask, 2,048 tokens per step,
+``python benchmarks/bench_attention.py``): PyTorch's CPU flash-attention backward (what ``sdpa``
+runs) costs far more than the plain matmul + softmax of ``eager`` at the short lengths of VQA
+fine-tuning, the same around 128-256 tokens, and less at long ones:
 
-=======  =====  ==========  ===========
-length   batch  eager ms    sdpa ms
-=======  =====  ==========  ===========
-48       32     198         305 (1.54x)
-128      16     262         328 (1.25x)
-512      4      384         348 (0.91x)
-1024     2      760         396 (0.52x)
-=======  =====  ==========  ===========
+=======  =====  ========  =======
+length   batch  eager ms  sdpa ms
+=======  =====  ========  =======
+48       42     179       377
+64       32     223       344
+96       21     233       325
+128      16     232       238
+256      8      287       289
+512      4      456       242
+1024     2      642       367
+=======  =====  ========  =======
 
+(A second run put sdpa / eager at 1.38, 1.33, 1.21, 1.03, 1.01, 0.69 for 48 ... 512.)
 So ``auto`` trains with ``eager`` on the CPU when the recipe's ``max_length`` is at most 256 and
 with ``sdpa`` otherwise; on CUDA it keeps the model's own choice (fused kernels win there). The
 kernel is switched for training only: the exported model keeps the implementation it was built
