@@ -78,8 +78,9 @@ class VLMTrainConfig(TrainerConfig):
     gradient_checkpointing: bool = False
     """recompute the LM's activations during backward: much less activation memory for ~30% more compute"""
     attn_implementation: str = "auto"
-    """the LM's attention kernel while training: auto (eager on the CPU up to max_length 256, where it is
-    1.2-2x faster than sdpa's CPU backward below 128 tokens, even at 128-256; the model's own otherwise), eager or sdpa (medvl.train.attention)"""
+    """the LM's attention kernel while training: auto (eager on the CPU up to max_length 256 — 1.2-2x faster than
+    sdpa's CPU backward below 128 tokens, even at 128-256 —, the model's own otherwise), eager or sdpa
+    (medvl.train.attention)"""
     system_prompt: Optional[str] = None
     """the system turn of every conversation, written into the saved tokenizer's chat template (a new model
     only): null keeps the template's own (SmolLM2 adds a 16-token default to every prompt); "" an empty turn"""
