@@ -57,6 +57,12 @@ def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, 
     lm_label, default_epochs = preset.pop("label"), preset.pop("epochs")
     epochs = epochs or default_epochs
     t_all = time.perf_counter()
+    if "source" in preset.get("llm", {}):  # fetch first: an offline machine learns it before any training
+        from medvl.models.lm_sources import resolve_lm_source
+        try:
+            resolve_lm_source(preset["llm"]["source"], progress=progress)
+        except MedvlUserError as e:
+            raise MedvlUserError(f"{e} (or run `medvl quickstart --lm small`, which fetches nothing)") from None
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_bundled("vqa-rad", "train")[:max_train], load_bundled("vqa-rad", "test")[:max_test]
     refs = [s.conversation[-1].text for s in test]

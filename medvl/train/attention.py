@@ -21,7 +21,8 @@ length   batch  eager ms  sdpa ms
 (A second run put sdpa / eager at 1.38, 1.33, 1.21, 1.03, 1.01, 0.69 for 48 ... 512.)
 So ``auto`` trains with ``eager`` on the CPU when the recipe's ``max_length`` is at most 256 and
 with ``sdpa`` otherwise; on CUDA it keeps the model's own choice (fused kernels win there). The
-kernel is switched for training only: the exported model keeps the implementation it was built
+kernel is switched for training only (a native VLM keeps its own under ``auto``: switching it would
+switch its vision encoder too, whose sequence is the image's patches, not ``max_length`` — not measured): the exported model keeps the implementation it was built
 with, and generation is unaffected — there ``sdpa`` is the faster one (the serving decoder in bf16:
 48.9 against 71.6 ms per answer one at a time, 9.4 against 11.5 in continuous batches).
 """
@@ -53,3 +54,11 @@ def set_attention(lm, impl: str | None) -> str | None:
     if impl != before:
         lm.set_attn_implementation(impl)
     return before
+
+
+def for_training(model, name: str, device_type: str, max_length: int, *, auto: bool = True) -> str | None:
+    """Switch ``model`` to the kernel ``name`` resolves to for this run; returns the one to restore at export.
+    ``auto=False`` (native VLMs) treats ``auto`` as the model's own."""
+    if name == "auto" and not auto:
+        return None
+    return set_attention(model, resolve_attention(name, device_type, max_length))

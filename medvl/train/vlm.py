@@ -79,8 +79,8 @@ class VLMTrainConfig(TrainerConfig):
     """recompute the LM's activations during backward: much less activation memory for ~30% more compute"""
     attn_implementation: str = "auto"
     """the LM's attention kernel while training: auto (eager on the CPU up to max_length 256 — 1.2-2x faster than
-    sdpa's CPU backward below 128 tokens, even at 128-256 —, the model's own otherwise), eager or sdpa
-    (medvl.train.attention)"""
+    sdpa's CPU backward below 128 tokens, even at 128-256 —, the model's own otherwise; a native VLM keeps its
+    own), eager or sdpa (medvl.train.attention)"""
     system_prompt: Optional[str] = None
     """the system turn of every conversation, written into the saved tokenizer's chat template (a new model
     only): null keeps the template's own (SmolLM2 adds a 16-token default to every prompt); "" an empty turn"""
@@ -162,9 +162,8 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         model, tok = build_composed(cfg.vision, cfg.connector, cfg.llm, texts, vocab_size=cfg.vocab_size,
                                     position_gap=cfg.position_gap, tokenizer=teacher.tokenizer if teacher else None,
                                     system_prompt=cfg.system_prompt)
-    from medvl.train.attention import resolve_attention, set_attention
-    built_attention = set_attention(model.llm, resolve_attention(cfg.attn_implementation, engine.device.type,
-                                                                 cfg.max_length))
+    from medvl.train.attention import for_training, set_attention
+    built_attention = for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
     apply_composed(model, policy, cfg.lora)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

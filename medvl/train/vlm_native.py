@@ -62,9 +62,9 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
         vlm.set_position_gap(cfg.position_gap)
     if cfg.gradient_checkpointing:
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from medvl.train.attention import resolve_attention, set_attention
-    built_attention = set_attention(vlm.model, resolve_attention(cfg.attn_implementation, engine.device.type,
-                                                                 cfg.max_length))
+    from medvl.train.attention import for_training, set_attention
+    built_attention = for_training(vlm.model, cfg.attn_implementation, engine.device.type, cfg.max_length,
+                                     auto=False)
     vlm.model, trainable = apply_native(vlm.model, policy, cfg.lora)
     lora = "lora" in policy.values()
     encoded, ids, dropped = [], [], {}
