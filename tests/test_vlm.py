@@ -132,6 +132,22 @@ def test_shipped_clip_tower_in_a_vlm(tok):
     assert m.vision.grid == [4, 4] and m.vision.width == 512  # resnet10t, 128 px, stride 32
     ids = torch.tensor([[1] + [m.config.image_token_id] * m.tokens_per_image + [20]])
     assert m(ids, pixel_values=torch.randn(1, 3, 128, 128)).logits.shape[1] == 18
+    # a CNN tower takes a larger side than its CLIP's: 256 px -> an 8x8 grid, and the loader follows
+    from medvl.models.vlm import image_loader_for
+    big = make(tok, "mlp2x_gelu", {"name": "medclip", "source": "medclip-r10t-minilm", "image_size": 256})
+    assert big.vision.grid == [8, 8] and big.tokens_per_image == 64
+    from medvl.data.bundled import load_bundled
+    assert image_loader_for(big)(load_bundled("vqa-rad", "test")[0].images[0]).shape == (3, 256, 256)
+
+
+def test_vit_tower_refuses_another_image_size():
+    pytest.importorskip("open_clip")
+    from medvl.models.vision_towers import build_tower
+    assert build_tower({"name": "medclip", "source": "config:test-tiny"}).grid == [4, 4]
+    with pytest.raises(MedvlUserError, match="takes no other size"):
+        build_tower({"name": "medclip", "source": "config:test-tiny", "image_size": 64})
+    with pytest.raises(MedvlUserError, match="position table"):
+        build_tower({**SIGLIP, "image_size": 64})
 
 
 def _tiny_cfg(tmp_path, **kw):

@@ -9,7 +9,9 @@ exact name:
   token of CLIP-style towers is dropped (``select: patch``, LLaVA's default feature choice).
 * ``medclip`` — the image tower of a medvl CLIP (e.g. the shipped
   ``medclip-r10t-minilm``): the timm trunk's last feature map (or an open_clip ViT's patch
-  tokens), before pooling.
+  tokens), before pooling. ``image_size`` feeds a CNN tower a larger image than its CLIP was
+  trained on (a 128-px resnet10t at 256 px gives an 8x8 grid, 64 tokens, instead of 4x4): a
+  convolutional trunk takes any side, so finer spatial detail costs only sequence length.
 * ``vit3d`` — a 3D ViT for volumes ``[B, 1, D, H, W]``: Conv3d patch embedding, learned
   positions, a Transformer encoder (M3D-style).
 * ``slice2d`` — any 2D tower applied to each slice of a volume, tokens concatenated in
@@ -38,7 +40,9 @@ class VisionConfig:
     source: str | None = None
     hf_config: dict = field(default_factory=dict)
     select: str = "patch"
-    image_size: int = 224
+    #: input side in pixels; 0 = the tower's own (hf: its config's; medclip: its CLIP's). Only a
+    #: CNN medclip tower takes another side; a ViT's position table fixes its size.
+    image_size: int = 0
     in_channels: int = 3
     # vit3d
     volume_size: list = field(default_factory=lambda: [32, 128, 128])
@@ -78,6 +82,9 @@ class HFTower(Tower):
         else:
             raise MedvlUserError("hf vision tower needs 'source' or 'hf_config'")
         vc = getattr(self.model.config, "vision_config", self.model.config)
+        if cfg.image_size and cfg.image_size != vc.image_size:
+            raise MedvlUserError(f"vision.image_size {cfg.image_size}: this hf tower takes {vc.image_size} px "
+                                 "(its position table fixes the size); leave image_size out")
         self.width = vc.hidden_size
         side = vc.image_size // vc.patch_size
         self.grid = [side, side]
@@ -98,7 +105,11 @@ class MedCLIPTower(Tower):
         clip = MedCLIP.from_pretrained(cfg.source) if cfg.source and not cfg.source.startswith("config:") \
             else MedCLIP.from_config(cfg.source.split(":", 1)[1] if cfg.source else "medclip-r10t-minilm")
         self.visual = clip.model.visual
-        size = self.image_size = clip.config.image_size
+        size = self.image_size = cfg.image_size or clip.config.image_size
+        trunk = getattr(self.visual, "trunk", None)
+        if size != clip.config.image_size and (trunk is None or hasattr(trunk, "patch_embed")):
+            raise MedvlUserError(f"vision.image_size {size}: {cfg.source or 'this CLIP'} is a ViT trained at "
+                                 f"{clip.config.image_size} px and takes no other size; leave image_size out")
         with torch.no_grad():
             probe = self._features(torch.zeros(1, 3, size, size))
         self.width = probe.shape[-1]
