@@ -65,6 +65,14 @@ def test_loop_logs_plots_counts_flops_and_learns(tmp_path):
     assert len(rows) == 24 and rows[-1]["loss"] < rows[0]["loss"] / 2
     assert rows[-1]["tokens_per_s"] > 0 and 0 < rows[-1]["mfu"] < 1  # FLOPs counted on the first step
     assert (tmp_path / "a" / "training_loss.png").exists()
+    # log_every 5: each line is the mean over its steps (the same run's per-step losses), the last line
+    # takes the 4 steps after step 20
+    _, res5 = _run(tmp_path / "b", log_every=5)
+    five = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in five] == [5, 10, 15, 20, 24]
+    losses = [r["loss"] for r in rows]
+    assert five[0]["loss"] == pytest.approx(sum(losses[:5]) / 5, rel=1e-5)
+    assert five[-1]["loss"] == pytest.approx(sum(losses[20:]) / 4, rel=1e-5)
 
 
 def test_accumulation_and_exact_mid_epoch_resume(tmp_path):

@@ -198,6 +198,7 @@ class Engine:
         stop_at = min(stop_at, total)
         flops_per_sample = None
         saved_at, warm = -1, False
+        window: list[tuple[float, dict]] = []  # (loss, parts) of each step since the last log line
         module.train()
         if after_train_mode is not None:
             after_train_mode()
@@ -249,10 +250,16 @@ class Engine:
                     warm, first = True, (time.perf_counter() - t0, seen, tokens)
                     t0, seen, tokens = time.perf_counter(), 0, 0
                 bar.update(1)
+                window.append((sum(losses) / len(losses), parts))
                 if pos["step"] % cfg.log_every == 0 or pos["step"] == total:
+                    # the loss and its parts are means over the steps since the last line (as the HF Trainer
+                    # logs them), not the one step that lands on the line: one batch of long open answers
+                    # would read as a spike
                     el, ns, nt = _meter(t0, seen, tokens, first)
-                    last = {"step": pos["step"], "epoch": pos["epoch"], "loss": sum(losses) / len(losses), "lr": lr,
-                            f"{unit}_per_s": ns / el, **({"tokens_per_s": nt / el} if nt else {}), **parts}
+                    mean = {k: sum(w[1].get(k, 0.0) for w in window) / len(window) for k in parts}
+                    last = {"step": pos["step"], "epoch": pos["epoch"], "loss": sum(w[0] for w in window) / len(window),
+                            "lr": lr, f"{unit}_per_s": ns / el, **({"tokens_per_s": nt / el} if nt else {}), **mean}
+                    window.clear()
                     done = flops_per_token * nt if flops_per_token is not None else (flops_per_sample or 0) * ns
                     if peak and done:
                         last["mfu"] = done / el / peak / self.world
