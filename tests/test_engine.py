@@ -67,7 +67,7 @@ def test_loop_logs_plots_counts_flops_and_learns(tmp_path):
     assert (tmp_path / "a" / "training_loss.png").exists()
     # log_every 5: each line is the mean over its steps (the same run's per-step losses), the last line
     # takes the 4 steps after step 20
-    _, res5 = _run(tmp_path / "b", log_every=5)
+    _run(tmp_path / "b", log_every=5)
     five = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in five] == [5, 10, 15, 20, 24]
     losses = [r["loss"] for r in rows]
