@@ -62,7 +62,8 @@ def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test) -> None:
         load_vlm(model_dir).save_vlm(dest, dtype=torch.bfloat16)
         model = load_vlm(dest)
         coll = VLMCollator(load_model_tokenizer(dest), tokens_per_image=model.tokens_per_image, max_length=128)
-        rad = {k: [vqa_rad_eval(test, p) for p in v] for k, v in control_answers(model, coll, test).items()}
+        rad = {k: [vqa_rad_eval(test, p) for p in v]
+               for k, v in control_answers(model, coll, test, progress=True).items()}
         out["shipped_bf16_vqa_rad_test"] = {k: [{"metrics": e["metrics"], "ci": e["ci"]} for e in v]
                                             for k, v in rad.items()}
         out["shipped_bf16_vqa_rad_gaps"] = {"vs_shuffled": vqa_gap(rad["real"][0], rad["shuffled"]),
@@ -80,6 +81,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "medvl" / "pretrained" / "medvl-vqarad-small"))
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--no-twin", action="store_true")
+    ap.add_argument("--no-held-out", action="store_true",
+                    help="skip scoring the held-out VQA-Med images (about 8,000 answers: the slow part for a deep LM)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="weights of the shipped copy; bf16 halves it, and the copy is scored again")
     ap.add_argument("--ship-run", metavar="DIR", help="ship a run this script already trained and scored (its "
@@ -102,17 +105,20 @@ def main() -> int:
     print(f"training samples: {len(train):,}; left out: {skipped or 'nothing'}")
     test = load_bundled("vqa-rad", "test")
     sec = held_out_section(cfg)
-    held = load_training_samples(sec)[0] if sec else []
+    held = load_training_samples(sec)[0] if sec and not args.no_held_out else []
     work = Path(cfg.output_dir)
     res = train_vlm(cfg, train)
     model, coll = res["model"], res["collator"]
-    rad = {k: [vqa_rad_eval(test, p) for p in v] for k, v in control_answers(model, coll, test).items()}
-    med = {k: [exact_by_category(held, p) for p in v]
-           for k, v in control_answers(model, coll, held, blank=False).items()} if held else {}
+    rad = {k: [vqa_rad_eval(test, p) for p in v]
+           for k, v in control_answers(model, coll, test, progress=True).items()}
     r0 = rad["real"][0]["metrics"]
     print(f"image model, VQA-RAD test: closed {r0['closed_accuracy']:.3f} open recall {r0['open_recall']:.3f} "
-          f"({res['seconds']:.0f} s training)" + ("; training its question-only twin next" if not args.no_twin else ""),
-          flush=True)
+          f"({res['seconds']:.0f} s training)" + (f"; scoring {len(held):,} held-out VQA-Med questions next"
+                                                  if held else ""), flush=True)
+    med = {k: [exact_by_category(held, p) for p in v]
+           for k, v in control_answers(model, coll, held, blank=False, progress=True).items()} if held else {}
+    if not args.no_twin:
+        print("training its question-only twin next", flush=True)
     twin = None
     if not args.no_twin:
         tcfg = load_recipe(VLMTrainConfig, args.recipe, [*args.overrides, "question_only=true",
