@@ -132,6 +132,7 @@ def main() -> int:
     real = rad["real"][0]
     out = {"recipe": str(args.recipe), "overrides": args.overrides, "train_samples": len(train), "left_out": skipped,
            "train_seconds": res["seconds"], "train_samples_per_s": res["samples_per_s"],
+           **({"validation": res["validation"], "best_epoch": res["best"]} if res["validation"] else {}),
            "vqa_rad_test": {k: [{"metrics": e["metrics"], "ci": e["ci"]} for e in v] for k, v in rad.items()},
            "vqa_rad_by_question_type": real["by_question_type"],
            "vqa_rad_gaps": {"vs_shuffled": vqa_gap(real, rad["shuffled"]), "vs_blank": vqa_gap(real, rad["blank"])}}

@@ -39,3 +39,23 @@ def keep_image(key: str, fraction: float, seed: int, part: str) -> bool:
     if part == "all" or not fraction:
         return True
     return in_holdout(key, fraction, seed) == (part == "holdout")
+
+
+def split_samples(samples, fraction: float, seed: int = 0, by: str = "image") -> tuple[list, list]:
+    """(kept, held out) with the same rule as :func:`in_holdout`. ``by="image"``: a sample is held
+    out when any of its images is (every question about an image lands on one side; samples
+    without an image go by id); ``by="sample"``: by the sample's id up to a ``#`` (the copies a
+    source weight makes, ``ID#2``, and question-only copies, ``ID#q``, follow their original) —
+    how VQA-RAD splits its test set (by question: test images also appear in train)."""
+    if by not in ("image", "sample"):
+        raise MedvlUserError(f"a split goes by image or by sample, got {by!r}")
+    check_split(fraction, "holdout")
+
+    def held(s) -> bool:
+        if by == "image" and s.images:
+            return any(in_holdout(m.path or s.id, fraction, seed) for m in s.images)
+        return in_holdout(s.id.split("#", 1)[0], fraction, seed)
+    kept, out = [], []
+    for s in samples:
+        (out if held(s) else kept).append(s)
+    return kept, out

@@ -58,8 +58,8 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
             encoded.update(zip(new, vt))
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        ids = collator.pad([p for _, p in chunk], pad, side="left")
-        mask = collator.pad([[1] * len(p) for _, p in chunk], 0, side="left")
+        ids = collator.pad([p for _, p in chunk], pad, side="left").to(model.device)  # [B, T]
+        mask = collator.pad([[1] * len(p) for _, p in chunk], 0, side="left").to(model.device)
         media = [m for s, _ in chunk for m in s.images]
         encode_new(media)
         vt = [encoded[key(m)] for m in media]

@@ -44,6 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             res = train_vlm(cfg, samples)
         if res["dropped"]:
             print("note: left out while encoding: " + ", ".join(f"{v} {k}" for k, v in res["dropped"].items()))
+        if res.get("validation"):
+            print(f"validation scores per epoch: {cfg.output_dir}/validation.jsonl")
         print(f"done: {res['steps']} steps, model in {cfg.output_dir}/model")
         return 0
     from medvl.train.clip import ClipTrainConfig, train_clip

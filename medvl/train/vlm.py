@@ -84,6 +84,9 @@ class VLMTrainConfig(TrainerConfig):
     system_prompt: Optional[str] = None
     """the system turn of every conversation, written into the saved tokenizer's chat template (a new model
     only): null keeps the template's own (SmolLM2 adds a 16-token default to every prompt); "" an empty turn"""
+    eval: dict = field(default_factory=dict)
+    """validation during training (composed VLMs; medvl.train.validation): {holdout: 0.1, by: image|sample} or
+    {data: a data section}; every_epochs: 1, metric: mean|closed_accuracy|open_recall|..., keep: best|last"""
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
@@ -283,11 +286,20 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, nati
     what was left out. ``native_model``: an already loaded :class:`medvl.models.native.NativeVLM`."""
     from medvl.data.loading import strip_images
     from medvl.train.policy import resolve_policy
+    from medvl.train.validation import plan_validation, vqa_evaluator
 
     policy = resolve_policy(cfg.stage, cfg.freeze)
     engine = Engine(cfg, name="vlm", progress=progress)
     samples = strip_images(train_samples) if cfg.question_only else list(train_samples)
-    if cfg.native or native_model is not None:
+    native = bool(cfg.native or native_model is not None)
+    if cfg.eval and native:
+        raise MedvlUserError("eval (validation during training) scores composed VLMs so far; for a native VLM, "
+                             "score the exported folder with medvl eval vqa")
+    samples, vplan = plan_validation(cfg.eval, samples)
+    if vplan is not None and engine.progress:
+        print(f"vlm: validating on {vplan.described}; every {vplan.every} epoch(s), "
+              f"{'keeping the best by ' + vplan.metric if vplan.keep_best else 'keeping the last epoch'}")
+    if native:
         from medvl.train.vlm_native import prepare_native
         job = prepare_native(cfg, samples, policy, engine, native_model)
     else:
@@ -295,11 +307,14 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, nati
     engine.setup(job["module"], shard_units=job["shard_units"], activation_bytes=job.get("activation_bytes", 0.0))
     res = engine.fit(steps_per_epoch=job["steps"], plan=job["plan"], step=job["step"],
                      flops_per_token=job["flops_per_token"], after_train_mode=job.get("after_train_mode"),
-                     desc=f"vlm {cfg.stage}{' (question only)' if cfg.question_only else ''}")
+                     desc=f"vlm {cfg.stage}{' (question only)' if cfg.question_only else ''}",
+                     **(dict(evaluate=vqa_evaluator(job["model"], job["collator"], vplan), eval_every=vplan.every,
+                             eval_metric=vplan.metric, keep_best=vplan.keep_best) if vplan else {}))
     model = job["export"]()
     return {"model": model, "tokenizer": job["tokenizer"], "collator": job["collator"], "steps": res["steps"],
             "seconds": res["seconds"], "dropped": job["dropped"], "log": res["log"],
-            "samples_per_s": res["samples_per_s"], **({"trainable": job["trainable"]} if "trainable" in job else {})}
+            "samples_per_s": res["samples_per_s"], "validation": res["validation"], "best": res["best"],
+            **({"trainable": job["trainable"]} if "trainable" in job else {})}
 
 
 def train_native(vlm, samples, *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-3, precision: str = "bf16",

@@ -48,7 +48,8 @@ class MetricsLogger:
 
 
 def plot_losses(log_path: Path, png: Path) -> Path | None:
-    """The loss curve from metrics.jsonl as a PNG (skipped without matplotlib or records)."""
+    """The loss curve from metrics.jsonl as a PNG, with the validation scores per epoch beside it when the
+    run validated (skipped without matplotlib or records)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -60,10 +61,21 @@ def plot_losses(log_path: Path, png: Path) -> Path | None:
     rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3))
+    val_path = log_path.parent / "validation.jsonl"  # written when the run validates (engine.validate)
+    val = [json.loads(x) for x in val_path.read_text().splitlines() if x.strip()] if val_path.exists() else []
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 6, 3), squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("training loss")
+    if val:
+        vx = axes[0][1]
+        names = [k for k in val[0] if k not in ("step", "epoch", "seconds", "best")]
+        for k in names:
+            vx.plot([r["epoch"] for r in val], [r.get(k) for r in val], marker="o", lw=1, label=k)
+        vx.set_xlabel("epoch")
+        vx.set_ylabel("validation")
+        vx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)

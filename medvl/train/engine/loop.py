@@ -154,11 +154,14 @@ class Engine:
     def fit(self, *, steps_per_epoch: int, plan: Callable[[int], list], step: Callable[[Any], StepResult],
             unit: str = "samples", flops_per_token: float | None = None,
             after_step: Callable[[], None] | None = None, after_train_mode: Callable[[], Any] | None = None,
-            desc: str | None = None) -> dict[str, Any]:
+            desc: str | None = None, evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 1,
+            eval_metric: str = "", keep_best: bool = False) -> dict[str, Any]:
         """Run (or resume) the loop. ``plan(epoch)`` returns the epoch's global micro-batches (lists;
         it draws from ``self.plan_gen``); ``step(local_batch)`` returns a :class:`StepResult`;
         ``after_step`` runs after each optimizer step, ``after_train_mode`` after ``module.train()``
-        (to keep frozen parts in eval mode)."""
+        (to keep frozen parts in eval mode). ``evaluate`` scores the model every ``eval_every`` epochs and
+        after the last; ``keep_best`` ends the run on the weights of the epoch best by ``eval_metric``
+        (:mod:`.validate`)."""
         from tqdm.auto import tqdm
 
         cfg, module, opt = self.cfg, self.module, self.opt
@@ -191,6 +194,15 @@ class Engine:
             if self.progress:
                 print(f"{self.name}: resumed from {ckpt} at step {pos['step']} (epoch {pos['epoch']})")
         logger = MetricsLogger(self.out, fresh=not resumed, enabled=self.main)
+        val = None
+        if evaluate is not None:
+            if self.sharded:
+                raise MedvlUserError("validation during training (eval) needs the whole model on one process: "
+                                     "use one process or distributed: ddp, or score the exported model afterwards")
+            from medvl.train.engine.validate import Validator
+            val = Validator(evaluate, every=eval_every, metric=eval_metric, keep_best=keep_best, out=self.out,
+                            main=self.main, world=self.world, tb=logger.tb)
+            val.start(fresh=not resumed)
         peak = (cfg.peak_gflops or (0.0 if self.device.type == "cuda" else 205.0 if cfg.precision == "bf16" else 88.0)) * 1e9
         bar = tqdm(total=total, initial=pos["step"], desc=desc or self.name, unit="step", disable=not self.progress)
         t0, seen, tokens, epochs_run, last, first = time.perf_counter(), 0, 0, 0, {}, (1e-9, 0, 0)
@@ -271,6 +283,9 @@ class Engine:
             if pos["offset"] >= len(batches):  # the epoch is complete
                 pos.update(epoch=pos["epoch"] + 1, offset=0, plan=None)
                 epochs_run += 1
+                if val is not None and val.due(pos["epoch"], final=pos["step"] >= total):
+                    say = bar.write if self.progress else (lambda _: None)
+                    val.run(module, pos, after_train_mode, say)  # before the save: pos carries the best
                 if pos["epoch"] % cfg.save_every_epochs == 0:
                     self._save(ckpt, pos, identity)
                     saved_at = pos["step"]
@@ -281,12 +296,15 @@ class Engine:
         loop_seconds = time.perf_counter() - t0 + first[0]
         if saved_at != pos["step"]:
             self._save(ckpt, pos, identity)  # a max_steps stop resumes from here
+        if val is not None and pos["step"] >= total:
+            val.restore_best(module, pos, print if self.progress else (lambda _: None))
         logger.close()
         dist.barrier(self.world)
         return {"steps": pos["step"], "epoch": pos["epoch"], "seconds": loop_seconds,
                 "total_seconds": time.perf_counter() - t0 + first[0],
                 "log": logger.records, "last": last, "samples_per_s": ns / el, "tokens_per_s": nt / el,
-                "resumed": resumed, "finished": pos["step"] >= total}
+                "resumed": resumed, "finished": pos["step"] >= total,
+                "validation": val.records if val is not None else [], "best": pos.get("best")}
 
     def _scaled(self, res: StepResult) -> torch.Tensor:
         """The rank's loss weighted by its share of the micro-batch's global weight (x world: the
