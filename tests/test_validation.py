@@ -137,3 +137,9 @@ def test_vlm_recipe_validates_held_out_questions_each_epoch(tmp_path, llm_policy
     assert 0 < held < 48 and res["steps"] == 2 * -(-(48 - held) // 8)  # trained on the other questions only
     assert res["best"]["epoch"] in (1, 2) and (tmp_path / "vlm" / "validation.jsonl").exists()
     assert (tmp_path / "vlm" / "model" / "config.json").exists()
+
+
+def test_a_max_steps_run_scores_its_last_weights_too(tmp_path):
+    seen: dict = {}
+    _, res = _fit(tmp_path, seen, max_steps=6)  # 4 steps per epoch: epoch 1, then 2 steps into epoch 2
+    assert sorted(seen) == [1, 2] and [r["step"] for r in res["validation"]] == [4, 6]

@@ -291,6 +291,8 @@ class Engine:
                     saved_at = pos["step"]
                 if cfg.stop_after_epochs and epochs_run >= cfg.stop_after_epochs:
                     break  # every rank stops at the same epoch
+        if val is not None and pos["step"] >= total and pos.get("validated_at") != pos["step"]:
+            val.run(module, pos, after_train_mode, bar.write if self.progress else (lambda _: None))  # max_steps
         bar.close()
         el, ns, nt = _meter(t0, seen, tokens, first)
         loop_seconds = time.perf_counter() - t0 + first[0]

@@ -52,7 +52,9 @@ class Validator:
         return final or epoch % self.every == 0
 
     def run(self, module: nn.Module, pos: dict, after_train_mode: Callable | None, write: Callable[[str], None]) -> None:
-        """Score the model now (epoch ``pos["epoch"]`` just ended); log it; keep it if it is the best."""
+        """Score the model now (epoch ``pos["epoch"]`` just ended, or a ``max_steps`` run stopped inside it);
+        log it; keep it if it is the best."""
+        pos["validated_at"] = pos["step"]  # every rank: the loop's end asks whether the last weights were scored
         if self.main:
             inner = dist.unwrap(module)
             inner.eval()
