@@ -544,3 +544,25 @@ def test_attention_auto_trains_eager_on_cpu_and_the_saved_model_keeps_its_own(to
     res = train_vlm(_tiny_cfg(tmp_path), load_bundled("vqa-rad", "train")[:16], progress=False)
     assert seen == ["eager", "sdpa"]  # trained eager, exported with the kernel it was built with
     assert res["model"].llm.config._attn_implementation == "sdpa"
+
+
+def test_init_connector_starts_a_new_model_from_another_vlms_connector(tmp_path):
+    from medvl.data.bundled import load_bundled
+    from medvl.train.vlm import train_vlm
+    train = load_bundled("vqa-rad", "train")[:16]
+    first = train_vlm(_tiny_cfg(tmp_path), train, progress=False)["model"]
+    src = str(tmp_path / "vlm" / "model")
+    frozen_lm = {"llm": "frozen", "vision": "frozen", "connector": "frozen"}  # nothing moves: the copy is visible
+    res = train_vlm(_tiny_cfg(tmp_path, init_connector=src, freeze={**frozen_lm, "connector": "full"}, lr=0.0,
+                              output_dir=str(tmp_path / "second")), train, progress=False)
+    for k, v in first.connector.state_dict().items():
+        assert torch.equal(res["model"].connector.state_dict()[k], v)
+    fresh = train_vlm(_tiny_cfg(tmp_path, freeze={**frozen_lm, "connector": "full"}, lr=0.0, seed=1,
+                                output_dir=str(tmp_path / "third")), train, progress=False)["model"]
+    assert not all(torch.equal(v, first.connector.state_dict()[k]) for k, v in fresh.connector.state_dict().items())
+    with pytest.raises(MedvlUserError, match="does not fit"):
+        train_vlm(_tiny_cfg(tmp_path, init_connector=src, connector={"name": "linear"},
+                            output_dir=str(tmp_path / "fourth")), train, progress=False)
+    with pytest.raises(MedvlUserError, match="leave init_connector unset"):
+        train_vlm(_tiny_cfg(tmp_path, init_connector=src, init_from=src, output_dir=str(tmp_path / "fifth")),
+                  train, progress=False)

@@ -75,6 +75,9 @@ class VLMTrainConfig(TrainerConfig):
     task: vqa|grounding, f1_threshold: 0.5, semantic_threshold: 0.0}; empty = off"""
     init_from: str = ""
     """start from this VLM folder's weights and tokenizer (a previous stage or round) instead of a new model"""
+    init_connector: str = ""
+    """start a new model's connector from this VLM folder's (or shipped model's) connector — LLaVA's pretrained
+    projector (pretrain_mm_mlp_adapter): its shapes must match (same tower output, connector and LM width)"""
     gradient_checkpointing: bool = False
     """recompute the LM's activations during backward: much less activation memory for ~30% more compute"""
     attn_implementation: str = "auto"
@@ -90,6 +93,28 @@ class VLMTrainConfig(TrainerConfig):
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
+
+
+def load_connector(model, ref: str) -> None:
+    """Copy a VLM folder's connector weights into ``model.connector`` (strict: every key, every shape)."""
+    from safetensors.torch import load_file
+
+    from medvl.generate.pipeline import resolve_model_path
+    path = resolve_model_path(ref)
+    if not (path / "model.safetensors").is_file():
+        raise MedvlUserError("init_connector: no model.safetensors here", path=path)
+    state = {k.removeprefix("connector."): v for k, v in load_file(str(path / "model.safetensors")).items()
+             if k.startswith("connector.")}
+    if not state:
+        raise MedvlUserError("init_connector: this VLM has no connector weights", path=path)
+    own = model.connector.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} here, {tuple(state[k].shape)} there" for k, v in own.items()
+             if k in state and v.shape != state[k].shape]
+    if wrong or set(own) != set(state):
+        raise MedvlUserError("init_connector: its connector does not fit this model's (same connector name, "
+                             "vision tower output and LM width needed): " +
+                             "; ".join(wrong or [f"keys {sorted(set(own) ^ set(state))[:4]}"]), path=path)
+    model.connector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def load_init(cfg: VLMTrainConfig):
@@ -165,6 +190,11 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         model, tok = build_composed(cfg.vision, cfg.connector, cfg.llm, texts, vocab_size=cfg.vocab_size,
                                     position_gap=cfg.position_gap, tokenizer=teacher.tokenizer if teacher else None,
                                     system_prompt=cfg.system_prompt)
+    if cfg.init_connector:
+        if cfg.init_from:
+            raise MedvlUserError("init_connector starts a new model's connector; with init_from the folder's own "
+                                 "connector is used — leave init_connector unset")
+        load_connector(model, cfg.init_connector)
     from medvl.train.attention import for_training, set_attention
     built_attention = for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
     apply_composed(model, policy, cfg.lora)
