@@ -112,6 +112,9 @@ def test_eval_section_holds_out_questions_and_refuses_bad_sections():
     assert plan.metric == "open_recall" and not plan.keep_best and plan.every == 1
     assert len(train) + len(plan.samples) == 60 and not {s.id for s in train} & {s.id for s in plan.samples}
     assert plan_validation({}, samples) == (samples, None)
+    test_split = plan_validation({"data": "vqa-rad/test"}, samples)[1]  # a set of its own: nothing held out
+    assert len(test_split.samples) == 451 and "optimistic" in test_split.described
+    assert "optimistic" not in plan_validation({"data": "vqa-rad/test", "keep": "last"}, samples)[1].described
     for bad, msg in [({"holdout": 0.1, "metrc": "mean"}, "unknown key"), ({"metric": "mean"}, "exactly one of"),
                      ({"holdout": 0.1, "data": "x"}, "exactly one of"), ({"holdout": 1.5}, "fraction"),
                      ({"holdout": 0.1, "metric": "bleu"}, "eval.metric"), ({"holdout": 0.1, "keep": "first"}, "keep"),

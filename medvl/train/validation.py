@@ -19,6 +19,7 @@ question-only twin of a run holds out the same questions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from medvl.errors import MedvlUserError
@@ -66,6 +67,10 @@ def plan_validation(spec: dict, samples: list) -> tuple[list, ValidationPlan | N
         overlap = sum(s.id in ids for s in val)
         if overlap:
             described += f"; warning: {overlap} of them share an id with a training sample"
+        src = str(spec["data"].get("path", "") if isinstance(spec["data"], dict) else spec["data"])
+        if keep == "best" and "test" in Path(src).name.lower():
+            described += ("; warning: keeping the epoch best on a test split makes that split's score optimistic "
+                          "— hold out training questions (eval.holdout) or set eval.keep: last")
     else:
         from medvl.data.splits import split_samples
         frac, by, seed = spec["holdout"], spec.get("by", "image"), int(spec.get("seed", 0))
