@@ -73,6 +73,7 @@ def plot_losses(log_path: Path, png: Path) -> Path | None:
         names = [k for k in val[0] if k not in ("step", "epoch", "seconds", "best")]
         for k in names:
             vx.plot([r["epoch"] for r in val], [r.get(k) for r in val], marker="o", lw=1, label=k)
+        vx.xaxis.get_major_locator().set_params(integer=True)
         vx.set_xlabel("epoch")
         vx.set_ylabel("validation")
         vx.legend(fontsize=7)
