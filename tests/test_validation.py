@@ -142,6 +142,21 @@ def test_vlm_recipe_validates_held_out_questions_each_epoch(tmp_path, llm_policy
     assert (tmp_path / "vlm" / "model" / "config.json").exists()
 
 
+def test_the_question_only_twin_validates_without_images(tmp_path, monkeypatch):
+    import medvl.eval.image_controls as ic
+    from medvl.data.bundled import load_bundled
+    from medvl.train.vlm import VLMTrainConfig, train_vlm
+    asked, real = [], ic.answers
+    monkeypatch.setattr(ic, "answers", lambda m, c, samples, **kw: asked.extend(samples) or real(m, c, samples, **kw))
+    cfg = VLMTrainConfig(vision=TINY_TOWER, llm=TINY_LM, vocab_size=300, epochs=1, batch_size=8, warmup_steps=1,
+                         precision="fp32", output_dir=str(tmp_path / "twin"), question_only=True,
+                         eval={"data": {"path": "vqa-rad/test"}, "keep": "last", "max_new_tokens": 2})
+    res = train_vlm(cfg, load_bundled("vqa-rad", "train")[:16], progress=False)
+    assert res["validation"] and 0.0 <= res["validation"][0]["mean"] <= 1.0
+    assert len(asked) == 451 and not any(s.images for s in asked)
+    assert not any("<image>" in t.text for s in asked for t in s.conversation)
+
+
 def test_a_max_steps_run_scores_its_last_weights_too(tmp_path):
     seen: dict = {}
     _, res = _fit(tmp_path, seen, max_steps=6)  # 4 steps per epoch: epoch 1, then 2 steps into epoch 2

@@ -326,6 +326,8 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, nati
         raise MedvlUserError("eval (validation during training) scores composed VLMs so far; for a native VLM, "
                              "score the exported folder with medvl eval vqa")
     samples, vplan = plan_validation(cfg.eval, samples)
+    if vplan is not None and cfg.question_only:  # a validation set of its own comes with images: the twin sees none
+        vplan.samples = strip_images(vplan.samples)
     if vplan is not None and engine.progress:
         print(f"vlm: validating on {vplan.described}; every {vplan.every} epoch(s), "
               f"{'keeping the best by ' + vplan.metric if vplan.keep_best else 'keeping the last epoch'}")
