@@ -81,3 +81,28 @@ def _keep_layers(lm, k):
     if getattr(lm.config, "layer_types", None):
         lm.config.layer_types = lm.config.layer_types[:k]
     return lm
+
+
+def load_connector(model, path) -> None:
+    """Copy a VLM folder's connector weights into ``model.connector`` (strict: every key, every shape) — a
+    pretrained projector, as LLaVA's ``pretrain_mm_mlp_adapter``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from medvl.errors import MedvlUserError
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise MedvlUserError("init_connector: no model.safetensors here", path=path)
+    state = {k.removeprefix("connector."): v for k, v in load_file(str(path / "model.safetensors")).items()
+             if k.startswith("connector.")}
+    if not state:
+        raise MedvlUserError("init_connector: this VLM has no connector weights", path=path)
+    own = model.connector.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} here, {tuple(state[k].shape)} there" for k, v in own.items()
+             if k in state and v.shape != state[k].shape]
+    if wrong or set(own) != set(state):
+        raise MedvlUserError("init_connector: its connector does not fit this model's (same connector name, "
+                             "vision tower output and LM width needed): " +
+                             "; ".join(wrong or [f"keys {sorted(set(own) ^ set(state))[:4]}"]), path=path)
+    model.connector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

@@ -39,10 +39,34 @@ class ValidationPlan:
     described: str
 
 
-def plan_validation(spec: dict, samples: list) -> tuple[list, ValidationPlan | None]:
-    """(training samples, plan): the questions left for training and what validates the run."""
+def plan_validation(spec: dict, samples: list, *, question_only: bool = False, native: bool = False,
+                    progress: bool = False) -> tuple[list, ValidationPlan | None]:
+    """(training samples, plan): the questions left for training and what validates the run. A question-only
+    run (the twin) validates without images, as it trains."""
     if not spec:
         return samples, None
+    if native:
+        raise MedvlUserError("eval (validation during training) scores composed VLMs so far; for a native VLM, "
+                             "score the exported folder with medvl eval vqa")
+    samples, plan = _plan(spec, samples)
+    if question_only:  # a validation set of its own comes with images
+        from medvl.data.loading import strip_images
+        plan.samples = strip_images(plan.samples)
+    if progress:
+        print(f"vlm: validating on {plan.described}; every {plan.every} epoch(s), "
+              f"{'keeping the best by ' + plan.metric if plan.keep_best else 'keeping the last epoch'}")
+    return samples, plan
+
+
+def fit_arguments(plan: ValidationPlan | None, model, collator) -> dict:
+    """What :meth:`medvl.train.engine.Engine.fit` takes to validate by this plan (nothing without one)."""
+    if plan is None:
+        return {}
+    return {"evaluate": vqa_evaluator(model, collator, plan), "eval_every": plan.every, "eval_metric": plan.metric,
+            "keep_best": plan.keep_best}
+
+
+def _plan(spec: dict, samples: list) -> tuple[list, ValidationPlan]:
     if not isinstance(spec, dict):
         raise MedvlUserError(f"eval must be a mapping (holdout, by, metric, ...), got {spec!r}")
     unknown = sorted(set(spec) - set(KEYS))

@@ -22,9 +22,9 @@ from typing import Any, Optional
 import torch
 
 from medvl.errors import MedvlUserError
-from medvl.models.answer import answer_logits
 from medvl.train.config import TrainerConfig
 from medvl.train.engine import Engine, StepResult
+from medvl.train.vlm_step import VLMStep
 
 
 @dataclass
@@ -76,8 +76,7 @@ class VLMTrainConfig(TrainerConfig):
     init_from: str = ""
     """start from this VLM folder's weights and tokenizer (a previous stage or round) instead of a new model"""
     init_connector: str = ""
-    """start a new model's connector from this VLM folder's (or shipped model's) connector — LLaVA's pretrained
-    projector (pretrain_mm_mlp_adapter): its shapes must match (same tower output, connector and LM width)"""
+    """start a new model's connector from this VLM folder's or shipped model's (LLaVA's pretrained projector)"""
     gradient_checkpointing: bool = False
     """recompute the LM's activations during backward: much less activation memory for ~30% more compute"""
     attn_implementation: str = "auto"
@@ -95,28 +94,6 @@ class VLMTrainConfig(TrainerConfig):
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
 
 
-def load_connector(model, ref: str) -> None:
-    """Copy a VLM folder's connector weights into ``model.connector`` (strict: every key, every shape)."""
-    from safetensors.torch import load_file
-
-    from medvl.generate.pipeline import resolve_model_path
-    path = resolve_model_path(ref)
-    if not (path / "model.safetensors").is_file():
-        raise MedvlUserError("init_connector: no model.safetensors here", path=path)
-    state = {k.removeprefix("connector."): v for k, v in load_file(str(path / "model.safetensors")).items()
-             if k.startswith("connector.")}
-    if not state:
-        raise MedvlUserError("init_connector: this VLM has no connector weights", path=path)
-    own = model.connector.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} here, {tuple(state[k].shape)} there" for k, v in own.items()
-             if k in state and v.shape != state[k].shape]
-    if wrong or set(own) != set(state):
-        raise MedvlUserError("init_connector: its connector does not fit this model's (same connector name, "
-                             "vision tower output and LM width needed): " +
-                             "; ".join(wrong or [f"keys {sorted(set(own) ^ set(state))[:4]}"]), path=path)
-    model.connector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
 def load_init(cfg: VLMTrainConfig):
     """Weights, tokenizer and model config from a previous VLM folder (strict load)."""
     from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
@@ -126,42 +103,6 @@ def load_init(cfg: VLMTrainConfig):
     if cfg.position_gap != getattr(model.config, "position_gap", 0):
         model.config.position_gap = cfg.position_gap
     return model, load_model_tokenizer(path)
-
-
-class _Step(torch.nn.Module):
-    """One training step's forward as a module, so DDP can wrap it: embed the text, run the
-    connector on the (cached or fresh) vision tokens, scatter, and take the answer loss —
-    cross-entropy, or with ``kd`` (a :class:`medvl.losses.logit_kd.LogitKDLoss`) and the
-    teacher's answer-position logits, (alpha * KD + CE) / (1 + alpha)."""
-
-    def __init__(self, model, packing: bool, kd=None):
-        super().__init__()
-        self.model = model
-        self.packing = packing
-        self.kd = kd
-        self.parts: dict = {}
-
-    def forward(self, enc: dict, vt: torch.Tensor | None, cached: bool, teacher=None) -> torch.Tensor:
-        m = self.model
-        text = m.llm.get_input_embeddings()(enc["input_ids"])  # [B, T, D]
-        if vt is not None:
-            tokens = vt if cached else m.vision(vt)  # [n, N, Dv]
-            feats = m.connector(tokens)
-            mask = (enc["input_ids"] == m.config.image_token_id).unsqueeze(-1)
-            text = text.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(text.dtype))
-        if self.packing:  # no 2D mask + restarting positions -> block-causal attention per sample
-            kw = {"position_ids": enc["position_ids"]}
-        else:
-            kw = {"attention_mask": enc["attention_mask"]}
-            pos = m.position_ids(enc["input_ids"], enc["attention_mask"])  # modality-gap positions, if configured
-            if pos is not None:
-                kw["position_ids"] = pos
-        logits, target = answer_logits(m.llm, text, enc["labels"], **kw)  # [N, V], [N]
-        if self.kd is None or teacher is None:
-            return torch.nn.functional.cross_entropy(logits.float(), target)
-        out = self.kd(logits, teacher, target)
-        self.parts = {"kd": float(out["kd"]), "ce": float(out["ce"])}
-        return out["loss"]
 
 
 def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine) -> dict[str, Any]:
@@ -190,11 +131,10 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         model, tok = build_composed(cfg.vision, cfg.connector, cfg.llm, texts, vocab_size=cfg.vocab_size,
                                     position_gap=cfg.position_gap, tokenizer=teacher.tokenizer if teacher else None,
                                     system_prompt=cfg.system_prompt)
-    if cfg.init_connector:
-        if cfg.init_from:
-            raise MedvlUserError("init_connector starts a new model's connector; with init_from the folder's own "
-                                 "connector is used — leave init_connector unset")
-        load_connector(model, cfg.init_connector)
+    if cfg.init_connector:  # refused with init_from by the config check below
+        from medvl.generate.pipeline import resolve_model_path
+        from medvl.models.build import load_connector
+        load_connector(model, resolve_model_path(cfg.init_connector))
     from medvl.train.attention import for_training, set_attention
     built_attention = for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
     apply_composed(model, policy, cfg.lora)
@@ -256,7 +196,7 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
             return [grouped[k] for k in torch.randperm(len(grouped), generator=gen).tolist()]
         return engine.global_batches(order)
 
-    step_module = _Step(model, cfg.packing, kd)
+    step_module = VLMStep(model, cfg.packing, kd)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def step(batch: list) -> StepResult:
@@ -316,21 +256,17 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, nati
     what was left out. ``native_model``: an already loaded :class:`medvl.models.native.NativeVLM`."""
     from medvl.data.loading import strip_images
     from medvl.train.policy import resolve_policy
-    from medvl.train.validation import plan_validation, vqa_evaluator
+    from medvl.train.validation import fit_arguments, plan_validation
 
     policy = resolve_policy(cfg.stage, cfg.freeze)
     engine = Engine(cfg, name="vlm", progress=progress)
     samples = strip_images(train_samples) if cfg.question_only else list(train_samples)
     native = bool(cfg.native or native_model is not None)
-    if cfg.eval and native:
-        raise MedvlUserError("eval (validation during training) scores composed VLMs so far; for a native VLM, "
-                             "score the exported folder with medvl eval vqa")
-    samples, vplan = plan_validation(cfg.eval, samples)
-    if vplan is not None and cfg.question_only:  # a validation set of its own comes with images: the twin sees none
-        vplan.samples = strip_images(vplan.samples)
-    if vplan is not None and engine.progress:
-        print(f"vlm: validating on {vplan.described}; every {vplan.every} epoch(s), "
-              f"{'keeping the best by ' + vplan.metric if vplan.keep_best else 'keeping the last epoch'}")
+    if cfg.init_connector and cfg.init_from:
+        raise MedvlUserError("init_connector starts a new model's connector; with init_from the folder's own "
+                             "connector is used — leave init_connector unset")
+    samples, vplan = plan_validation(cfg.eval, samples, question_only=cfg.question_only, native=native,
+                                     progress=engine.progress)
     if native:
         from medvl.train.vlm_native import prepare_native
         job = prepare_native(cfg, samples, policy, engine, native_model)
@@ -340,8 +276,7 @@ def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, nati
     res = engine.fit(steps_per_epoch=job["steps"], plan=job["plan"], step=job["step"],
                      flops_per_token=job["flops_per_token"], after_train_mode=job.get("after_train_mode"),
                      desc=f"vlm {cfg.stage}{' (question only)' if cfg.question_only else ''}",
-                     **(dict(evaluate=vqa_evaluator(job["model"], job["collator"], vplan), eval_every=vplan.every,
-                             eval_metric=vplan.metric, keep_best=vplan.keep_best) if vplan else {}))
+                     **fit_arguments(vplan, job["model"], job["collator"]))
     model = job["export"]()
     return {"model": model, "tokenizer": job["tokenizer"], "collator": job["collator"], "steps": res["steps"],
             "seconds": res["seconds"], "dropped": job["dropped"], "log": res["log"],
