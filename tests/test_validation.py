@@ -112,6 +112,10 @@ def test_eval_section_holds_out_questions_and_refuses_bad_sections():
     assert plan.metric == "open_recall" and not plan.keep_best and plan.every == 1
     assert len(train) + len(plan.samples) == 60 and not {s.id for s in train} & {s.id for s in plan.samples}
     assert plan_validation({}, samples) == (samples, None)
+    q_only = [Sample(s.id + "#q", [], s.conversation) for s in samples]  # copies validate once, lone copies stay
+    _, with_copies = plan_validation({"holdout": 0.25, "by": "sample"}, samples + q_only)
+    assert {s.id for s in with_copies.samples} == {s.id for s in plan.samples}
+    assert len(plan_validation({"holdout": 0.25, "by": "sample"}, q_only)[1].samples) == len(plan.samples)
     test_split = plan_validation({"data": "vqa-rad/test"}, samples)[1]  # a set of its own: nothing held out
     assert len(test_split.samples) == 451 and "optimistic" in test_split.described
     assert "optimistic" not in plan_validation({"data": "vqa-rad/test", "keep": "last"}, samples)[1].described

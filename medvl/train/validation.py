@@ -101,7 +101,10 @@ def _plan(spec: dict, samples: list) -> tuple[list, ValidationPlan]:
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
             raise MedvlUserError(f"eval.holdout must be a fraction in (0, 1), e.g. 0.1, got {frac!r}")
         samples, val = split_samples(samples, float(frac), seed, by)
-        val = [s for s in val if "#" not in s.id]  # a weighted source's copies: validate each question once
+        # copies of a held-out question (a source weight's ID#2, a question-only ID#q) are validated once,
+        # as their original; a copy whose original is not in the set (a question-only source alone) stays
+        ids = {s.id for s in val}
+        val = [s for s in val if s.id.split("#", 1)[0] == s.id or s.id.split("#", 1)[0] not in ids]
         described = (f"{len(val):,} questions held out of training ({frac:g} by {by}, seed {seed}); "
                      f"{len(samples):,} training samples left")
     if not val:
