@@ -22,6 +22,7 @@ and reads them from that source at load (:mod:`medvl.models.source_weights`).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -153,21 +154,30 @@ class MedVLM(PreTrainedModel):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_vlm(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    def save_vlm(self, out: str | Path, dtype: torch.dtype | None = None, delta_bits: int = 0,
+                 delta_group: int = 64) -> Path:
         """config.json + model.safetensors (floating tensors cast to ``dtype`` when given); with
-        ``config.llm_from_source`` set, without the rows its LM source provides at load time."""
+        ``config.llm_from_source`` set, without the rows its LM source provides at load time; with
+        ``delta_bits`` (2, 4 or 8), the LM's block matrices as coded deltas against the source's
+        (lossy: :mod:`medvl.models.source_weights`)."""
         from safetensors.torch import save_file
 
-        from medvl.models.source_weights import split_state
+        from medvl.models.source_weights import delta_spec, split_state
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
-        if self.config.llm_from_source:
-            state = split_state(state, self.config.llm_from_source)
+        config = copy.deepcopy(self.config)
+        spec = dict(self.config.llm_from_source or {})
+        spec.pop("deltas", None)  # the model in memory holds its decoded weights
+        if delta_bits:
+            spec["deltas"] = delta_spec(self, delta_bits, delta_group)
+        config.llm_from_source = spec or None
+        if spec:
+            state = split_state(state, spec, self.config.llm_source)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(out / "model.safetensors"))
-        (out / "config.json").write_text(self.config.to_json_string())
+        (out / "config.json").write_text(config.to_json_string())
         return out
 
 
