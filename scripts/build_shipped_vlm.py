@@ -47,6 +47,35 @@ def held_out_section(cfg: VLMTrainConfig) -> dict | None:
     return None
 
 
+def trained_run(cfg: VLMTrainConfig, work: Path) -> dict:
+    """The image model of a run already trained (``--model-run``), in :func:`train_vlm`'s return shape.
+    Its saved recipe must train what ``cfg`` trains (output_dir and the eval section may differ)."""
+    import yaml
+
+    from medvl.data.collate import VLMCollator
+    from medvl.generate.pipeline import load_model_tokenizer
+    from medvl.models.vlm import load_vlm
+    from medvl.train.config import to_dict
+    model_dir = work / "model"
+    if not (model_dir / "recipe.yaml").is_file():
+        raise SystemExit(f"{model_dir} holds no trained model (no recipe.yaml): train it first")
+    saved = yaml.safe_load((model_dir / "recipe.yaml").read_text())
+    held_out = lambda e: {k: v for k, v in (e or {}).items() if k in ("holdout", "by", "seed")}  # noqa: E731
+    differ = sorted(k for k, v in to_dict(cfg).items()
+                    if k not in ("output_dir", "eval") and saved.get(k, v) != v)
+    differ += ["eval (what it holds out of training)"] if held_out(saved.get("eval")) != held_out(cfg.eval) else []
+    if differ:
+        raise SystemExit(f"{model_dir} was trained with other settings ({', '.join(differ)}): "
+                         "pass the recipe and overrides it was trained with")
+    model = load_vlm(model_dir)
+    coll = VLMCollator(load_model_tokenizer(model_dir), tokens_per_image=model.tokens_per_image,
+                       max_length=cfg.max_length)
+    prev = json.loads((model_dir / "results.json").read_text()) if (model_dir / "results.json").is_file() else {}
+    return {"model": model, "collator": coll, "seconds": prev.get("train_seconds", float("nan")),
+            "samples_per_s": prev.get("train_samples_per_s"), "validation": prev.get("validation"),
+            "best": prev.get("best_epoch")}
+
+
 def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test) -> None:
     """Copy a trained model folder to ``dest``; with ``bf16``, re-save its weights in bf16 and score
     that copy with its image controls — its answers are what users get."""
@@ -87,6 +116,9 @@ def main() -> int:
                     help="weights of the shipped copy; bf16 halves it, and the copy is scored again")
     ap.add_argument("--ship-run", metavar="DIR", help="ship a run this script already trained and scored (its "
                     "output_dir): no training; with --dtype bf16 the copy is scored again")
+    ap.add_argument("--model-run", metavar="DIR", help="score the image model of a run already trained with this "
+                    "recipe (its output_dir) instead of training it again; its twin is trained (unless --no-twin) "
+                    "into DIR/question-only")
     ap.add_argument("--twin-init", default="", help="with init_from (a second stage): the previous stage's "
                     "question-only twin, which this stage's twin starts from")
     args = ap.parse_args()
@@ -106,8 +138,8 @@ def main() -> int:
     test = load_bundled("vqa-rad", "test")
     sec = held_out_section(cfg)
     held = load_training_samples(sec)[0] if sec and not args.no_held_out else []
-    work = Path(cfg.output_dir)
-    res = train_vlm(cfg, train)
+    work = Path(args.model_run) if args.model_run else Path(cfg.output_dir)
+    res = trained_run(cfg, work) if args.model_run else train_vlm(cfg, train)
     model, coll = res["model"], res["collator"]
     rad = {k: [vqa_rad_eval(test, p) for p in v]
            for k, v in control_answers(model, coll, test, progress=True).items()}
