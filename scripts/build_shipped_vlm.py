@@ -76,23 +76,31 @@ def trained_run(cfg: VLMTrainConfig, work: Path) -> dict:
             "best": prev.get("best_epoch")}
 
 
-def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test) -> None:
-    """Copy a trained model folder to ``dest``; with ``bf16``, re-save its weights in bf16 and score
-    that copy with its image controls — its answers are what users get."""
+def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test, delta_bits: int = 0) -> None:
+    """Copy a trained model folder to ``dest``; with ``bf16`` (and ``delta_bits``: its LM blocks as
+    coded deltas against the LM source, medvl lm pack), re-save its weights and score that copy with
+    its image controls — its answers are what users get — and count the test answers it changed."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("question-only"))
-    if dtype == "bf16":
+    if dtype == "bf16" or delta_bits:
         import torch
 
         from medvl.data.collate import VLMCollator
         from medvl.generate.pipeline import load_model_tokenizer
         from medvl.models.vlm import load_vlm
-        load_vlm(model_dir).save_vlm(dest, dtype=torch.bfloat16)
+        full = load_vlm(model_dir)
+        full.save_vlm(dest, dtype=torch.bfloat16 if dtype == "bf16" else None, delta_bits=delta_bits)
         model = load_vlm(dest)
         coll = VLMCollator(load_model_tokenizer(dest), tokens_per_image=model.tokens_per_image, max_length=128)
         rad = {k: [vqa_rad_eval(test, p) for p in v]
                for k, v in control_answers(model, coll, test, progress=True).items()}
+        before = answers(full, coll, test, progress=True)
+        after = answers(model, coll, test)
+        same = sum(before[s.id] == after[s.id] for s in test)
+        out["shipped_form"] = {"dtype": dtype, "delta_bits": delta_bits, "same_answers": same, "questions": len(test)}
+        print(f"shipped copy ({dtype}{f', {delta_bits}-bit block deltas' if delta_bits else ''}): "
+              f"{same} of {len(test)} VQA-RAD test answers identical to the trained model's")
         out["shipped_bf16_vqa_rad_test"] = {k: [{"metrics": e["metrics"], "ci": e["ci"]} for e in v]
                                             for k, v in rad.items()}
         out["shipped_bf16_vqa_rad_gaps"] = {"vs_shuffled": vqa_gap(rad["real"][0], rad["shuffled"]),
@@ -114,6 +122,9 @@ def main() -> int:
                     help="skip scoring the held-out VQA-Med images (about 8,000 answers: the slow part for a deep LM)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="weights of the shipped copy; bf16 halves it, and the copy is scored again")
+    ap.add_argument("--delta-bits", type=int, choices=(0, 2, 4, 8), default=0,
+                    help="ship the LM blocks as deltas against the LM source in this many bits (medvl lm pack); "
+                    "0 = in full")
     ap.add_argument("--ship-run", metavar="DIR", help="ship a run this script already trained and scored (its "
                     "output_dir): no training; with --dtype bf16 the copy is scored again")
     ap.add_argument("--model-run", metavar="DIR", help="score the image model of a run already trained with this "
@@ -128,7 +139,7 @@ def main() -> int:
         if not (run / "results.json").is_file():
             ap.error(f"{run} has no results.json: train and score it with this script first")
         ship(run, Path(args.out), args.dtype, json.loads((run / "results.json").read_text()),
-             load_bundled("vqa-rad", "test"))
+             load_bundled("vqa-rad", "test"), args.delta_bits)
         return 0
     cfg = load_recipe(VLMTrainConfig, args.recipe, args.overrides)
     if cfg.init_from and not args.no_twin and not args.twin_init:
@@ -199,7 +210,7 @@ def main() -> int:
               f"; shuffled {sum(e['accuracy'] for e in h['shuffled']) / len(h['shuffled']):.3f}" +
               (f"; twin {h['twin']['accuracy']:.3f}" if twin else ""))
     if not args.no_ship:
-        ship(work / "model", Path(args.out), args.dtype, out, test)
+        ship(work / "model", Path(args.out), args.dtype, out, test, args.delta_bits)
     print(f"total {out['total_seconds']:.0f} s")
     return 0
 
