@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_VLM = "medvl-vqarad-smollm2"  # reads SmolLM2 embeddings: gguf (clip, serve, lm extras)
+from medvl.generate.pipeline import DEFAULT_VLM  # noqa: F401 (the --model default here)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -17,6 +17,8 @@ from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
 from medvl.models.precision import for_inference
 
+DEFAULT_VLM = "medvl-vqarad-smollm2-30"  # of chat / predict / serve; reads SmolLM2 from its source (gguf: lm extras)
+
 
 def resolve_model_path(path: str | Path) -> Path:
     """A folder, or the name of a model shipped with the package (medvl/pretrained/NAME)."""

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from medvl.generate.pipeline import DEFAULT_VLM
 from medvl.serve.batcher import Batcher, QueueFull
 from medvl.serve.uploads import RequestError, UploadStore
 
@@ -233,7 +234,7 @@ class Server:
                           on_text=on_text)
 
 
-def create_app(vlm: str | None = "medvl-vqarad-smollm2", clip: str | None = "medclip-r10t-minilm-v2",
+def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-minilm-v2",
                cfg: ServeConfig | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
