@@ -93,10 +93,9 @@ def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test, delta_bits: i
         full.save_vlm(dest, dtype=torch.bfloat16 if dtype == "bf16" else None, delta_bits=delta_bits)
         model = load_vlm(dest)
         coll = VLMCollator(load_model_tokenizer(dest), tokens_per_image=model.tokens_per_image, max_length=128)
-        rad = {k: [vqa_rad_eval(test, p) for p in v]
-               for k, v in control_answers(model, coll, test, progress=True).items()}
-        before = answers(full, coll, test, progress=True)
-        after = answers(model, coll, test)
+        got = control_answers(model, coll, test, progress=True)
+        rad = {k: [vqa_rad_eval(test, p) for p in v] for k, v in got.items()}
+        before, after = answers(full, coll, test, progress=True), got["real"][0]
         same = sum(before[s.id] == after[s.id] for s in test)
         out["shipped_form"] = {"dtype": dtype, "delta_bits": delta_bits, "same_answers": same, "questions": len(test)}
         print(f"shipped copy ({dtype}{f', {delta_bits}-bit block deltas' if delta_bits else ''}): "

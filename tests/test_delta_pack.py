@@ -95,6 +95,8 @@ def test_a_changed_source_is_refused_and_bad_requests_are_clear(tuned):
     packed = model.save_vlm(tmp / "packed", delta_bits=2)
     with pytest.raises(MedvlUserError, match="delta bits must be one of 2, 4, 8"):
         model.save_vlm(tmp / "x", delta_bits=3)
+    with pytest.raises(MedvlUserError, match="positive multiple of 2 at 4 bits"):
+        model.save_vlm(tmp / "x", delta_bits=4, delta_group=3)
     src = AutoModelForCausalLM.from_pretrained(tmp / "src")
     with torch.no_grad():
         src.model.layers[1].mlp.up_proj.weight[0, 0] += 1.0

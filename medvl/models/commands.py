@@ -266,11 +266,9 @@ def cmd_lm_pack(args: argparse.Namespace) -> int:
 
     import torch
 
-    from medvl.models.clip import PRETRAINED_DIR
+    from medvl.generate.pipeline import resolve_model_path
     from medvl.models.vlm import load_vlm
-    src = Path(args.model)
-    if not src.exists() and (PRETRAINED_DIR / args.model).is_dir():
-        src = PRETRAINED_DIR / args.model
+    src = resolve_model_path(args.model)
     out = Path(args.out)
     if out.resolve() == src.resolve():
         raise MedvlUserError("pack writes a new folder; give an output other than the model", path=out)

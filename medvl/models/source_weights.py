@@ -104,6 +104,8 @@ def delta_spec(model, bits: int = 4, group: int = 64) -> dict:
                              f"(its llm_source is {source!r}); save it in full")
     if bits not in BITS:
         raise MedvlUserError(f"delta bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if group <= 0 or group % (8 // bits):
+        raise MedvlUserError(f"delta group must be a positive multiple of {8 // bits} at {bits} bits, got {group}")
     own = {k: v for k, v in model.llm.state_dict().items() if ".layers." in k and v.dim() == 2}
     src = source_tensors(source, lambda k: k in own)
     keys = sorted(k for k, v in own.items() if k in src and src[k].shape == v.shape and v.shape[1] % group == 0)
