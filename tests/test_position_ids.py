@@ -121,3 +121,45 @@ def test_native_gap_is_saved_and_reapplied(tmp_path):
     from tests.test_native_vlm import tiny_llava
     with pytest.raises(MedvlUserError, match="only Qwen2-VL"):
         tiny_llava().set_position_gap(1)
+
+
+def test_continuous_decoder_keeps_each_rows_gap_positions():
+    """Packed continuous batching keeps each row's modality-gap positions: two prompts of different
+    lengths decoded together get, at every step, the logits of a full recompute of each alone with
+    its gap positions (and not those without the gap)."""
+    from medvl.data.bundled import load_bundled
+    from medvl.generate.continuous import ContinuousDecoder, GenRequest
+    from medvl.models.tokenizers import build_bpe_tokenizer
+    from tests.test_vlm import make
+    tok = build_bpe_tokenizer([t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation], vocab_size=300)
+    torch.manual_seed(0)
+    m = make(tok).eval()
+    m.config.position_gap = 4
+    n, img = m.tokens_per_image, m.config.image_token_id
+    prompts = [[1] + [img] * n + [20, 21], [1, 7, 9] + [img] * n + [20, 21, 22, 23]]
+    px = torch.randn(2, 3, 32, 32)
+    dec = ContinuousDecoder(m, tok, lambda t: t)
+    dec.eos = -1  # decode all 4 tokens
+    seen: list[torch.Tensor] = []
+    choose = dec._choose
+    dec._choose = lambda logits, rows: seen.append(logits.clone()) or choose(logits, rows)
+    dec.close()  # drive the steps by hand: both requests join the first one
+    reqs = [GenRequest(p, [px[i]], [f"img{i}"], max_new_tokens=4) for i, p in enumerate(prompts)]
+    dec._step(reqs)
+    while dec.rows:
+        dec._step([])
+    assert len(seen) == 4 and all(x.shape[0] == 2 for x in seen)
+
+    def recompute(i, gap):  # the last position's logits after each generated token, no cache
+        m.config.position_gap = gap
+        seq, out = list(prompts[i]), []
+        with torch.no_grad():
+            for t in reqs[i].tokens:
+                ids = torch.tensor([seq])
+                out.append(m(ids, torch.ones_like(ids), px[i:i + 1]).logits[0, -1])
+                seq.append(t)
+        return torch.stack(out)  # [4, V]
+    for i in range(2):
+        got = torch.stack([x[i] for x in seen])
+        assert torch.allclose(got, recompute(i, 4), atol=1e-4)
+        assert not torch.allclose(got, recompute(i, 0), atol=1e-4)

@@ -224,12 +224,12 @@ def test_stop_strings_and_sampling_settings(client, img):
 def test_full_queue_answers_503_not_a_growing_backlog(img):
     with TestClient(create_app(VLM, None, ServeConfig(max_queue=1, max_batch=1))) as c:
         dec = c.app.state.server.decoder
-        real = dec._prefill
+        real = dec._step
 
-        def slow(reqs):
+        def slow(new):
             time.sleep(0.5)
-            return real(reqs)
-        dec._prefill = slow
+            return real(new)
+        dec._step = slow
         codes = _concurrently(lambda k: c.post("/v1/chat/completions", json=chat_body(img, max_tokens=2)).status_code, 6)
         assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
 
@@ -243,9 +243,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(img):
     dec.eos = -1  # never ends by itself: it would decode all 256 tokens
     real = dec._step
 
-    def slow():
+    def slow(*a):
         time.sleep(0.02)
-        return real()
+        return real(*a)
     dec._step = slow
     with live_server(app) as url:
         with httpx.Client(timeout=30) as c:
@@ -261,7 +261,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(img):
                 if st["running"] == 0:
                     break
                 time.sleep(0.05)
-        assert st["running"] == 0 and st["cancelled"] == 1 and st["finished"] == 0
+        assert st["running"] == 0 and st["cancelled"] == 1 and st["finished"] == 0 and st["cache_columns"] == 0
         assert time.monotonic() - t0 < 2  # far sooner than the 256 x 20 ms the row had left
 
 
@@ -307,10 +307,12 @@ def test_the_openai_client_talks_to_a_running_server(img):
             cl.chat.completions.create(model="nope", messages=msg)
 
 
-def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
-    """Requests that start with the template's prefix reuse its cached KV (rows laid out
-    [prefix | padding | rest]); greedy answers, alone and batched, equal those of a decoder that
-    prefills everything; a request with its own system turn takes the full prefill."""
+def test_prompt_kv_reuse_and_packed_steps_leave_answers_unchanged():
+    """The template prefix's KV is computed once and shared; an image asked about again brings its
+    span's KV from the cache, so only the question runs; newcomers' prompts share a forward with the
+    running rows' next tokens. Greedy answers — alone, batched, with spans cached for some rows and
+    computed for others in one step — equal the pipeline's own batch decoding; a request with its
+    own system turn runs its whole prompt."""
     from medvl.data.schema import Sample, Turn
     from medvl.generate.continuous import ContinuousDecoder, GenRequest, content_key
     from medvl.serve.app import Server
@@ -319,30 +321,40 @@ def test_the_prompt_prefix_is_computed_once_and_answers_do_not_change():
     pipe = server.pipe
     prefix = server.template_prefix()
     assert prefix and pipe.tokenizer.decode(prefix).endswith("user\n")
-    test = load_bundled("vqa-rad", "test")[:16]
-    own_system = Sample("sys", test[0].images, [Turn("system", "You read radiographs.")] + test[0].conversation[:1])
+    test = load_bundled("vqa-rad", "test")[:16]  # consecutive questions share images
+    samples = test + [Sample("sys", test[0].images, [Turn("system", "You read radiographs.")] + test[0].conversation[:1])]
+    by_id = dict(pipe.answers(samples, max_new_tokens=6))
+    ref = [by_id[s.id] for s in samples]
 
-    def reqs():
-        return [GenRequest(pipe.collator.prompt_ids(s), list(s.images),
-                           [content_key(open(s.images[0].path, "rb").read())], max_new_tokens=6)
-                for s in test + [own_system]]
-
-    def answers(dec, batched):
-        rs = reqs()
+    def answers(dec, batched, subset=samples):
+        rs = [GenRequest(pipe.collator.prompt_ids(s), list(s.images), [content_key(open(s.images[0].path, "rb").read())],
+                         max_new_tokens=6) for s in subset]
         if batched:
             return [f.result(timeout=120) for f in [dec.submit(r) for r in rs]]
         return [dec.submit(r).result(timeout=120) for r in rs]
 
-    with_prefix = ContinuousDecoder(pipe.model, pipe.tokenizer, pipe.image_fn, prefix_ids=prefix)
+    dec = ContinuousDecoder(pipe.model, pipe.tokenizer, pipe.image_fn, prefix_ids=prefix)
     plain = ContinuousDecoder(pipe.model, pipe.tokenizer, pipe.image_fn)
+    spans = dec.prompt_kv.spans
     try:
-        ref = answers(plain, False)
-        assert answers(with_prefix, False) == ref
-        assert answers(with_prefix, True) == ref
-        assert with_prefix.counters["prefix_hits"] == 2 * len(test)  # the own-system request missed both times
-        assert plain.counters["prefix_hits"] == 0
+        assert answers(plain, False) == ref and answers(plain, True) == ref
+        assert plain.counters["prefix_hits"] == 0 and plain.stats()["image_span_cache"]["entries"] == 0
+        assert answers(dec, False) == ref
+        distinct = len({s.images[0].path for s in test})
+        assert spans.misses == distinct and spans.hits == len(test) - distinct > 0
+        spans.clear()
+        answers(dec, False, samples[::3])  # a third of the images cached, then all at once
+        hits, misses = spans.hits, spans.misses
+        assert answers(dec, True) == ref
+        assert spans.hits > hits and spans.misses > misses  # cached and computed spans in the same steps
+        assert dec.counters["prefix_hits"] == len(test) * 2 + sum(s.id != "sys" for s in samples[::3])  # not "sys"
+        assert dec.counters["row_steps"] > dec.counters["steps"]  # rows shared forwards
+        t0 = time.monotonic()  # the last answer is handed over inside the step that ends its row
+        while dec.stats()["running"] and time.monotonic() - t0 < 2:
+            time.sleep(0.01)
+        assert dec.stats()["running"] == 0 and dec.stats()["cache_columns"] == 0  # everything left, cache freed
     finally:
-        with_prefix.close()
+        dec.close()
         plain.close()
         server.close()
 
@@ -398,6 +410,7 @@ def test_an_image_asked_again_is_not_decoded_again(client, monkeypatch):
     path = load_bundled("vqa-rad", "test")[5].images[0].path
     uri = data_uri(path)
     server.decoder.vision_cache.clear()
+    server.decoder.prompt_kv.spans.clear()  # a cached span would stand in for the vision tokens
     first = client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6)).json()
     decodes = []
     real = server.store.decode
@@ -407,6 +420,7 @@ def test_an_image_asked_again_is_not_decoded_again(client, monkeypatch):
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"] > 16
     server.decoder.vision_cache.clear()
+    server.decoder.prompt_kv.spans.clear()  # else its span's KV would serve it without vision tokens
     misses = server.decoder.vision_cache.misses
     client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6))
     assert len(decodes) == 1  # not cached any more: decoded

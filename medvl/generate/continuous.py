@@ -1,33 +1,37 @@
 """Continuous (in-flight) batching for composed VLMs: requests join a running decode between
 steps and leave the moment they finish.
 
-One worker thread owns the model. Each turn of its loop it (1) admits the requests waiting
-in a bounded queue, up to ``max_batch`` rows in flight — at once when nothing is running,
-otherwise every ``join_every`` decode steps (4), (2) prefills them together — the
-vision tower runs once per distinct image, through a content-addressed LRU cache of vision
-tokens bounded in bytes, then the LM over the left-padded prompts — and merges their KV
-cache into the running one, and (3) runs one decode step for every row. A row leaves at
-its end-of-turn token, its own ``max_new_tokens``, a stop string, or when its client goes
-away (cancel); its KV rows are dropped at once and the cache's leading all-padding columns
-trimmed, so the batch costs only what is still being written.
+One worker thread owns the model. Each turn of its loop is **one forward pass** over a packed
+batch: the next token of every row in flight and the whole prompt of every newcomer admitted
+this turn (up to ``max_batch`` rows and ``step_tokens`` new prompt tokens), laid end to end in
+one sequence ``[1, N]``. The KV cache is one packed sequence ``[1, H, K, D]`` per layer whose
+columns each carry an owner (a row's slot, or -1 for the shared template prefix) and an index
+within that row's sequence; the attention mask lets a token see its own row's earlier columns
+and, if its prompt starts with it, the shared prefix — nothing of other rows. So a newcomer's
+prefill and the running rows' decode step share one pass over the weights, which is most of
+what a step costs on a CPU (a decode step of the 30-block SmolLM2 reads 268 MB of bf16
+weights): the flattened ragged batches of vLLM's V1 engine and SGLang instead of padded
+rectangles (Yu et al. 2022, "Orca", for iteration-level scheduling; Agrawal et al. 2024,
+"Sarathi-Serve", for prefills riding along decode steps), with a dense cache instead of pages.
+No padding anywhere: rows of different lengths cost only their own tokens.
 
-Correctness: every row keeps its own attention mask and position ids (the count of real
-tokens before it, or the model's modality-gap positions), so padding columns added when
-rows of different lengths are merged are masked out and a request decodes as it would
-alone — the test compares greedy answers under load with answers served one at a time.
-This is the scheme of vLLM / TGI (Kwon et al. 2023, "Efficient Memory Management for Large
-Language Model Serving with PagedAttention"; Yu et al. 2022, "Orca") without paged memory:
-the cache is a dense ``DynamicCache`` re-packed on joins and leaves, which is what a
-CPU-sized model wants.
+A row leaves at its end-of-turn token, its own ``max_new_tokens``, a stop string, or when its
+client goes away (cancel); its cache columns are dropped in the same turn. Vision tokens come
+from a content-addressed LRU (the tower runs once per distinct image).
 
-Prompt-prefix cache: every chat prompt starts with the same template tokens (SmolLM2's
-default system turn and ``<|im_start|>user``: 24 of a VQA-RAD prompt's 55 tokens). Given
-``prefix_ids``, their KV is computed once and copied into each prefill of requests that start
-with them, so only the rest is run — the fixed-prefix case of vLLM's automatic prefix caching
-and SGLang's RadixAttention (Zheng et al. 2024). The rows are laid out as ``[prefix | padding |
-rest]``; positions count real tokens, so the cached keys (rotated at positions 0..P-1) are the
-ones each row would have computed. Models with their own position ids (the modality gap) and
-requests that do not start with the prefix (a client's own system turn) take the full prefill.
+Correctness: each row keeps its own position ids (counting its real tokens, or the model's
+modality-gap positions) and sees only its own columns, so a request decodes as it would alone
+— the tests compare greedy answers under load with answers served one at a time.
+
+Prompt KV reuse (:mod:`medvl.generate.prompt_cache`): every chat prompt starts with the same
+template tokens (SmolLM2's default system turn and ``<|im_start|>user``: 24 of a VQA-RAD prompt's
+52), and the image's 16 tokens follow them. Given ``prefix_ids``, the prefix's KV is computed once
+and kept as the first columns of the packed cache, shared by every row that starts with it; each
+image span's KV is kept by the image's content hash and copied in as the row's own first columns,
+so a prefill runs only what is new — the question, and the image's tokens the first time it is
+seen: the fixed-prefix case of vLLM's automatic prefix caching and SGLang's RadixAttention (Zheng
+et al. 2024). Models with their own position ids (the modality gap) and requests that do not
+start with the prefix (a client's own system turn) run their whole prompt.
 
 Native Hugging Face VLMs are not served this way: Qwen2-VL keeps per-request rotary deltas
 outside the cache, and LLaVA-style native models would need their own prefill; ``medvl
@@ -40,13 +44,13 @@ import hashlib
 import queue
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from medvl.generate.prompt_cache import PromptKV, TensorLRU
 from medvl.models.precision import as_pixels
 
 
@@ -79,6 +83,15 @@ class GenRequest:
     text: str = ""
     gen: torch.Generator | None = None
     t_submit: float = 0.0
+    slot: int = -1
+    """the owner id of its cache columns"""
+    uses_prefix: bool = False
+    seq: int = 0
+    """index within its own sequence of the token it feeds next"""
+    pos: int = 0
+    """position id of the last token it fed"""
+    last: int = 0
+    """the token it feeds next"""
 
     def cancel(self) -> None:
         """The client went away: the row leaves the batch at the next step."""
@@ -90,76 +103,27 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class VisionCache:
-    """Vision tokens by image content hash, least recently used evicted past ``max_bytes``.
-    Thread-safe: the server's request handlers look up (a hit skips decoding the upload) while
-    the decoder thread inserts."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = self.hits = self.misses = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str, count_miss: bool = True) -> torch.Tensor | None:
-        """The tokens, or None; ``count_miss=False`` for a look-up whose miss the decoder will count
-        when it encodes the image (the server's request handler)."""
-        with self._lock:
-            v = self.items.get(key)
-            if v is None:
-                self.misses += count_miss
-                return None
-            self.items.move_to_end(key)
-            self.hits += 1
-            return v
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        with self._lock:
-            if size > self.max_bytes or key in self.items:
-                return
-            self.items[key] = value
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self.items.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
-
-    def clear(self) -> None:
-        with self._lock:
-            self.items.clear()
-            self.bytes = 0
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {"entries": len(self.items), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits,
-                    "misses": self.misses}
-
-
 class ContinuousDecoder:
     def __init__(self, model, tokenizer, image_fn: Callable, *, max_batch: int = 32, max_queue: int = 64,
-                 cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", join_every: int = 4,
-                 prefix_ids: list[int] | None = None):
+                 cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", step_tokens: int = 2048,
+                 prefix_ids: list[int] | None = None, span_cache_bytes: int = 256 * 2**20):
         self.model, self.tok, self.image_fn = model, tokenizer, image_fn
         image_id = getattr(model.config, "image_token_id", None)
         usable = (prefix_ids and image_id not in prefix_ids and not getattr(model.config, "position_gap", 0))
-        self.prefix_ids: list[int] = list(prefix_ids) if usable else []
-        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, H, P, D]
+        self.prompt_kv = PromptKV(model, list(prefix_ids) if usable else [], span_cache_bytes)
+        self.prefix_ids = self.prompt_kv.prefix_ids
         self.max_batch = max(1, max_batch)
-        self.join_every = max(1, join_every)
-        self._since_join = 0
+        self.step_tokens = max(1, step_tokens)
+        """new prompt tokens admitted per forward (a newcomer longer than this runs alone)"""
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.vision_cache = VisionCache(cache_bytes)
+        self.vision_cache = TensorLRU(cache_bytes)
         self.tower_precision = tower_precision
         vocab = tokenizer.get_vocab()
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in vocab else tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: list[GenRequest] = []
-        self.cache = None  # DynamicCache for the rows, [b, H, L, D] per layer
-        self.mask: torch.Tensor | None = None  # [b, L]
-        self.pos: torch.Tensor | None = None  # [b] last position of each row
-        self.last: torch.Tensor | None = None  # [b] last token of each row
+        self._reset()
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0, "row_steps": 0, "prefills": 0,
-                         "failed": 0, "prefix_hits": 0}
+                         "prompt_tokens_run": 0, "failed": 0, "prefix_hits": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="medvl-decoder", daemon=True)
         self.thread.start()
@@ -179,11 +143,18 @@ class ContinuousDecoder:
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        return {"running": len(self.rows), "queue": self.q.qsize(), **c,
+        return {"running": len(self.rows), "queue": self.q.qsize(), "cache_columns": len(self.col_owner), **c,
                 "mean_rows_per_step": c["row_steps"] / c["steps"] if c["steps"] else 0.0,
-                "vision_cache": self.vision_cache.stats()}
+                "vision_cache": self.vision_cache.stats(), "image_span_cache": self.prompt_kv.spans.stats()}
 
     # -- the worker -----------------------------------------------------------------------------
+    def _reset(self) -> None:
+        """No rows: an empty cache (the shared prefix is put back by the next step)."""
+        self.cache = None  # DynamicCache, [1, H, K, D] per layer
+        self.col_owner = torch.zeros(0, dtype=torch.long)  # [K] the row slot of each column, -1 = shared prefix
+        self.col_seq = torch.zeros(0, dtype=torch.long)  # [K] its index within that row's sequence
+        self._next_slot = 0
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             new: list[GenRequest] = []
@@ -192,32 +163,29 @@ class ContinuousDecoder:
                     new.append(self.q.get(timeout=0.1))
                 except queue.Empty:
                     continue
-            # newcomers join between decode steps, at most every ``join_every`` steps while rows are
-            # running: a prefill costs several decode steps, so joining at every step would stretch
-            # long answers by one prefill per token (the tail latency); joining in groups also
-            # prefills more rows per call. (Joining sooner when the waiting outnumber the running,
-            # TGI's waiting_served_ratio 1.2, was measured: 9.3 rows per step instead of 6.9, the same
-            # answers/s, a worse p99 — docs/serve.md)
-            can_join = not self.rows or self._since_join >= self.join_every
-            while can_join and len(self.rows) + len(new) < self.max_batch:
+            # newcomers join at every step: their prompts ride along the running rows' decode step in the
+            # same forward, up to ``step_tokens`` new tokens so a crowd of long prompts does not stall the
+            # rows in flight for long (Sarathi-Serve's token budget, without splitting a prompt)
+            budget = self.step_tokens - sum(len(r.ids) for r in new)
+            while len(self.rows) + len(new) < self.max_batch and budget > 0:
                 try:
-                    new.append(self.q.get_nowait())
+                    r = self.q.get_nowait()
                 except queue.Empty:
                     break
+                new.append(r)
+                budget -= len(r.ids)
             new = [r for r in new if not r.cancelled.is_set() and r.future.set_running_or_notify_cancel()]
+            if not (new or self.rows):
+                continue
             try:
-                if new:
-                    self._prefill(new)
-                    self._since_join = 0
-                if self.rows:
-                    self._step()
-                    self._since_join += 1
+                self._step(new)
             except Exception as e:  # noqa: BLE001 - handed to every request in flight, the loop goes on
                 for r in new + self.rows:
                     if not r.future.done():
                         r.future.set_exception(e)
                 self.counters["failed"] += len(self.rows)
-                self.rows, self.cache, self.mask, self.pos, self.last = [], None, None, None, None
+                self.rows = []
+                self._reset()
 
     @torch.no_grad()
     def _vision(self, reqs: list[GenRequest]) -> torch.Tensor | None:
@@ -245,83 +213,127 @@ class ContinuousDecoder:
         keys = [k for r in reqs for k in r.image_keys]
         return torch.stack([found[k] for k in keys]) if keys else None
 
-    def _prefill(self, reqs: list[GenRequest]) -> None:
-        P = len(self.prefix_ids)
-        hit: list[GenRequest] = []
-        miss: list[GenRequest] = []
-        for r in reqs:
-            (hit if P and len(r.ids) > P and r.ids[:P] == self.prefix_ids else miss).append(r)
-        for group, p in ((hit, P), (miss, 0)):
-            if group:
-                self._prefill_rows(group, p)
-
-    def _prefix_cache(self, n: int):
-        """A fresh DynamicCache holding the prompt prefix's KV for ``n`` rows."""
+    def _append(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, range]]) -> None:
+        """Put columns into the cache, one concatenation per layer: each part is (per layer (keys,
+        values) [1, H, n, D], the owner, the columns' indices within the owner's sequence)."""
         from transformers import DynamicCache
-        m = self.model
-        if self._prefix_kv is None:
-            ids = torch.tensor([self.prefix_ids], device=m.device)  # [1, P]
-            out = m.llm(inputs_embeds=m.embed(ids, None), use_cache=True, past_key_values=DynamicCache(),
-                        logits_to_keep=1)
-            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(self._prefix_kv):
-            cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), i)
-        return cache
+        if self.cache is None:
+            self.cache = DynamicCache()
+            first, *parts = parts
+            for i, (k, v) in enumerate(first[0]):
+                self.cache.update(k.contiguous(), v.contiguous(), i)
+            self.col_owner = torch.full((len(first[2]),), first[1], dtype=torch.long)
+            self.col_seq = torch.tensor(list(first[2]), dtype=torch.long)
+        if not parts:
+            return
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys = torch.cat([layer.keys] + [kv[i][0] for kv, _, _ in parts], 2)
+            layer.values = torch.cat([layer.values] + [kv[i][1] for kv, _, _ in parts], 2)
+        self.col_owner = torch.cat([self.col_owner] + [torch.full((len(sq),), o, dtype=torch.long) for _, o, sq in parts])
+        self.col_seq = torch.cat([self.col_seq] + [torch.tensor(list(sq), dtype=torch.long) for _, _, sq in parts])
+
+    def _admit(self, r: GenRequest, ids: list, pos: list, owner: list, seq: list, pre: list,
+               cached: list) -> tuple[str | None, bool]:
+        """Lay a newcomer's prompt into the packed step: its cached image span goes to ``cached`` (the
+        columns to add to the cache), the rest into the step's token lists. Returns (the span key to
+        store after the step, whether it needs vision tokens)."""
+        kv, m = self.prompt_kv, self.model
+        P = len(self.prefix_ids)
+        r.slot, self._next_slot = self._next_slot, self._next_slot + 1
+        r.uses_prefix = kv.starts_with_prefix(r.ids)
+        key = kv.span_key(r.ids, r.image_keys) if r.uses_prefix else None
+        span = kv.spans.get(key) if key else None
+        skip = P if r.uses_prefix else 0  # prompt tokens already in the cache
+        if span is not None:  # [layers, 2, H, S, D] -> the row's own first columns
+            cached.append(([(x[0][None], x[1][None]) for x in span], r.slot, range(P, P + kv.span_len)))
+            skip += kv.span_len
+        full = None if P else m.position_ids(torch.tensor([r.ids]), torch.ones(1, len(r.ids), dtype=torch.long))
+        full = full[0].tolist() if full is not None else list(range(len(r.ids)))  # [T] the prompt's positions
+        run = r.ids[skip:]
+        ids += run
+        pos += full[skip:]
+        owner += [r.slot] * len(run)
+        seq += range(skip, len(r.ids))
+        pre += [r.uses_prefix] * len(run)
+        r.pos, r.seq = full[-1], len(r.ids)
+        self.counters["prefix_hits"] += r.uses_prefix
+        self.counters["prompt_tokens_run"] += len(run)
+        return (key if span is None else None), span is None
 
     @torch.no_grad()
-    def _prefill_rows(self, reqs: list[GenRequest], P: int) -> None:
-        """Prefill these requests together; with ``P`` > 0 their first P tokens are the cached
-        prefix and only the rest runs: rows laid out [prefix | left padding | rest]."""
-        from transformers import DynamicCache
-        m = self.model
-        T = max(len(r.ids) - P for r in reqs)
-        ids = torch.full((len(reqs), T), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), P + T), dtype=torch.long)
-        mask[:, :P] = 1
-        for i, r in enumerate(reqs):  # left padding of the rest
-            ids[i, T - (len(r.ids) - P):] = torch.tensor(r.ids[P:])
-            mask[i, P + T - (len(r.ids) - P):] = 1
-        ids, mask = ids.to(m.device), mask.to(m.device)
-        emb = m.embed(ids, None, self._vision(reqs))  # [n, T, D]
-        pos = None if P else m.position_ids(ids, mask)
-        if pos is None:
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [n, T]: real tokens before each
-        cache = self._prefix_cache(len(reqs)) if P else DynamicCache()
-        self.counters["prefix_hits"] += len(reqs) if P else 0
-        out = m.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        for r in reqs:
+    def _step(self, new: list[GenRequest]) -> None:
+        """One forward: the running rows' next tokens and the newcomers' prompts, packed."""
+        m, kv = self.model, self.prompt_kv
+        cached = []  # columns to put into the cache before the forward: the prefix, cached image spans
+        if self.prefix_ids and self.cache is None:
+            cached.append((kv.prefix_kv(), -1, range(len(self.prefix_ids))))
+        ids: list[int] = []
+        pos: list[int] = []
+        owner: list[int] = []
+        seq: list[int] = []
+        pre: list[bool] = []
+        ends: list[int] = []  # index of each row's last token in the step: its logits
+        for r in self.rows:
+            ids.append(r.last)
+            pos.append(r.pos + 1)
+            owner.append(r.slot)
+            seq.append(r.seq)
+            pre.append(r.uses_prefix)
+            ends.append(len(ids) - 1)
+        stores, need = [], []
+        for r in new:
+            start = len(ids)
+            key, needs_vision = self._admit(r, ids, pos, owner, seq, pre, cached)
+            if key is not None:
+                stores.append((key, start))  # its image span is its first S tokens in this step
+            if needs_vision:
+                need.append(r)
+            ends.append(len(ids) - 1)
+        if cached:
+            self._append(cached)
+        K = len(self.col_owner)
+        q_own, q_seq, q_pre = torch.tensor(owner), torch.tensor(seq), torch.tensor(pre)  # [N]
+        co, cs = torch.cat([self.col_owner, q_own]), torch.cat([self.col_seq, q_seq])  # [K + N]
+        see = ((co[None] == q_own[:, None]) & (cs[None] <= q_seq[:, None])) | ((co[None] == -1) & q_pre[:, None])  # [N, K + N]
+        dev = m.device
+        ids_t = torch.tensor([ids], device=dev)  # [1, N]
+        emb = m.embed(ids_t, None, self._vision(need))  # [1, N, D]
+        if self.cache is None:
+            from transformers import DynamicCache
+            self.cache = DynamicCache()
+        out = m.llm(inputs_embeds=emb, attention_mask=see[None, None].to(dev), position_ids=torch.tensor([pos], device=dev),
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=torch.tensor(ends, device=dev))
+        self.cache = out.past_key_values
+        self.col_owner, self.col_seq = co, cs
+        for key, start in stores:
+            kv.store(key, self.cache, 0, K + start)
+        for r in new:
             if r.temperature > 0:
-                r.gen = torch.Generator(device=m.device)
+                r.gen = torch.Generator(device=dev)
                 r.gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(2**62, (1,))))
-        self.counters["prefills"] += 1
-        self.counters["admitted"] += len(reqs)
-        first = self._choose(out.logits[:, -1].float(), reqs)  # [n]
-        keep = self._accept(reqs, first)  # a request may be done after its first token
-        if not keep:
-            return
-        cache = out.past_key_values
-        if len(keep) < len(reqs):
-            sel = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(sel)
-            mask, pos, first = mask[sel], pos[sel], first[sel]
-        self._merge([reqs[i] for i in keep], cache, mask, pos.max(-1).values, first)
-
-    def _merge(self, reqs, cache, mask, pos, last) -> None:
+        rows, n_old = self.rows + new, len(self.rows)
+        nxt = self._choose(out.logits[0].float(), rows)  # [rows]
+        c = self.counters
+        c["steps"] += 1
+        c["row_steps"] += len(rows)
+        c["admitted"] += len(new)
+        c["prefills"] += bool(new)
+        keep = self._accept(rows, nxt)
+        for i, t in zip(keep, nxt[keep].tolist()):
+            r = rows[i]
+            r.last = t
+            if i < n_old:
+                r.seq += 1
+                r.pos += 1
+        self.rows = [rows[i] for i in keep]
         if not self.rows:
-            self.rows, self.cache, self.mask, self.pos, self.last = list(reqs), cache, mask, pos, last
-            return
-        La, Lb = self.mask.shape[1], mask.shape[1]
-        L = max(La, Lb)
-        for la, lb in zip(self.cache.layers, cache.layers):
-            la.keys = torch.cat([_left_pad(la.keys, L - La), _left_pad(lb.keys, L - Lb)], 0)
-            la.values = torch.cat([_left_pad(la.values, L - La), _left_pad(lb.values, L - Lb)], 0)
-        pad = lambda t, n: torch.cat([t.new_zeros(t.shape[0], n), t], 1)  # noqa: E731
-        self.mask = torch.cat([pad(self.mask, L - La), pad(mask, L - Lb)], 0)
-        self.rows += list(reqs)
-        self.pos = torch.cat([self.pos, pos])
-        self.last = torch.cat([self.last, last])
+            self._reset()
+        elif len(keep) < len(rows):  # the rows that left take their columns with them, now
+            live = torch.tensor([r.slot for r in self.rows])
+            idx = ((self.col_owner == -1) | torch.isin(self.col_owner, live)).nonzero()[:, 0].to(dev)
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, idx], layer.values[:, :, idx]
+            self.col_owner, self.col_seq = self.col_owner[idx.cpu()], self.col_seq[idx.cpu()]
 
     def _choose(self, logits: torch.Tensor, reqs: list[GenRequest]) -> torch.Tensor:
         """Each row's next token: argmax, or a draw from its own temperature / top-p nucleus."""
@@ -335,35 +347,6 @@ class ContinuousDecoder:
                     probs = torch.zeros_like(probs).scatter(-1, si, sp)
                 nxt[i] = torch.multinomial(probs, 1, generator=r.gen)[0]
         return nxt
-
-    @torch.no_grad()
-    def _step(self) -> None:
-        """One decode step for every row in flight."""
-        b = len(self.rows)
-        dev = self.mask.device
-        self.pos = self.pos + 1
-        self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=self.mask.dtype, device=dev)], 1)
-        out = self.model.llm(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
-        self.last = self._choose(out.logits[:, -1].float(), self.rows)
-        self.counters["steps"] += 1
-        self.counters["row_steps"] += b
-        keep = self._accept(self.rows, self.last)
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.rows, self.cache, self.mask, self.pos, self.last = [], None, None, None, None
-            return
-        idx = torch.tensor(keep, device=dev)
-        self.cache.batch_select_indices(idx)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask, self.pos, self.last = self.mask[idx], self.pos[idx], self.last[idx]
-        start = int(self.mask.any(0).long().argmax())  # leading columns that are padding in every row
-        if start:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-            self.mask = self.mask[:, start:]
 
     def _accept(self, rows: list[GenRequest], tokens: torch.Tensor) -> list[int]:
         """Append each row's new token; returns the indices of rows still decoding (finished and
@@ -397,10 +380,3 @@ class ContinuousDecoder:
         self.counters["finished"] += 1
         if not r.future.done():
             r.future.set_result(r.text.strip())
-
-
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """[b, H, L, D] -> [b, H, n + L, D] with zeros in front (masked out by the attention mask)."""
-    if n == 0:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], 2)

@@ -60,6 +60,9 @@ class ServeConfig:
     """how long a CLIP batch waits to fill (chat needs no window: requests join the running decode)"""
     image_cache_mb: float = 256.0
     """vision tokens kept for images asked about again (LRU by bytes)"""
+    span_cache_mb: float = 256.0
+    """KV of the image's tokens after the template prefix, kept for images asked about again (LRU by
+    bytes; 0 turns it off); a second question about an image then prefills only its own tokens"""
     max_stop: int = 4
     max_labels: int = 64
     max_embedding_inputs: int = 64
@@ -139,7 +142,8 @@ class Server:
                                              max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                              cache_bytes=int(cfg.image_cache_mb * 2**20),
                                              tower_precision=cfg.tower_precision,
-                                             prefix_ids=self.template_prefix())
+                                             prefix_ids=self.template_prefix(),
+                                             span_cache_bytes=int(cfg.span_cache_mb * 2**20))
         if clip:
             from medvl.models.clip import load_clip
             from medvl.serve.clip_batch import ClipRunner

@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="chat rows decoding at once, CLIP requests per call (1 = one request at a time)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a CLIP batch waits to fill")
     p.add_argument("--image-cache-mb", type=float, default=256.0, help="vision tokens kept for repeated images")
+    p.add_argument("--span-cache-mb", type=float, default=256.0,
+                   help="KV of the image tokens kept for repeated images: a follow-up question prefills only itself (0: off)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request before 504")
     p.add_argument("--max-tokens", type=int, default=256, help="cap on max_tokens")
@@ -46,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                       timeout_s=args.timeout, max_tokens_cap=args.max_tokens, api_key=key,
                       max_image_bytes=int(args.max_image_mb * 2**20), max_image_pixels=args.max_image_pixels,
-                      precision=args.precision, tower_precision=args.tower_precision, image_cache_mb=args.image_cache_mb)
+                      precision=args.precision, tower_precision=args.tower_precision, image_cache_mb=args.image_cache_mb,
+                      span_cache_mb=args.span_cache_mb)
     app = create_app(args.model or None, args.clip or None, cfg)
     import sys
     # the event loop and the generation thread hand requests and answers to each other many times
