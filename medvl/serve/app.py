@@ -8,14 +8,15 @@ Design choices:
   ``{"error": {"message", "type", "code"}}`` body. Images travel as ``image_url`` data URIs
   (:mod:`medvl.serve.uploads`); the last user message is the question, its images the input.
 * **Continuous batching** for chat (:class:`medvl.generate.continuous.ContinuousDecoder`):
-  a request joins the running decode at the next step and leaves when it finishes, each with
+  a request joins the running decode at the next step — its prompt packed into the same
+  forward as the running rows' next tokens — and leaves when it finishes, each with
   its own ``max_tokens``, temperature / top-p, stop strings and seed; streaming requests are
   rows like the others, with a per-token callback (server-sent events, OpenAI's chunk
   format); a client that goes away frees its row and KV cache at the next step. The same
   image (by content hash) asked several questions is encoded once (a bounded LRU of vision
-  tokens).
-* **Batched CLIP endpoints**: zero-shot and embedding requests that arrive within
-  ``batch_wait_ms`` share one image-tower call and one text-tower call
+  tokens), and its tokens' KV after the template prefix is reused (a bounded LRU of spans).
+* **Batched CLIP endpoints**: zero-shot and embedding requests waiting when the tower is free
+  (or within ``batch_wait_ms``) share one image-tower call and one text-tower call
   (:class:`medvl.serve.batcher.Batcher`); the class embeddings of a label set are cached.
 * **Precision** ``auto``: the models run in bf16 where the hardware computes it natively and
   fp32 elsewhere (:mod:`medvl.models.precision`) — what makes a batch cheap relative to one
@@ -56,8 +57,8 @@ class ServeConfig:
     max_queue: int = 64
     max_batch: int = 32
     """rows decoding at once (chat) and requests per CLIP call; 1 = one request at a time"""
-    batch_wait_ms: float = 10.0
-    """how long a CLIP batch waits to fill (chat needs no window: requests join the running decode)"""
+    batch_wait_ms: float = 0.0
+    """how long a CLIP batch waits to fill; 0: no window, a batch is what is waiting when the tower is free"""
     image_cache_mb: float = 256.0
     """vision tokens kept for images asked about again (LRU by bytes)"""
     span_cache_mb: float = 256.0

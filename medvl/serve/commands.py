@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (or env MEDVL_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="chat rows decoding at once, CLIP requests per call (1 = one request at a time)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a CLIP batch waits to fill")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="how long a CLIP batch waits to fill (default 0: it takes what is waiting when the tower is free)")
     p.add_argument("--image-cache-mb", type=float, default=256.0, help="vision tokens kept for repeated images")
     p.add_argument("--span-cache-mb", type=float, default=256.0,
                    help="KV of the image tokens kept for repeated images: a follow-up question prefills only itself (0: off)")
