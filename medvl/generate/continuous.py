@@ -129,7 +129,7 @@ class ContinuousDecoder:
         self.prefix_ids = self.prompt_kv.prefix_ids
         self.max_batch = max(1, max_batch)
         self.step_tokens = max(1, step_tokens)
-        """new prompt tokens admitted per forward (a newcomer longer than this runs alone)"""
+        """new prompt tokens admitted per forward (a newcomer longer than this joins with no other newcomer)"""
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.vision_cache = TensorLRU(cache_bytes)
         self.tower_precision = tower_precision
