@@ -454,3 +454,31 @@ def test_clip_batcher_has_no_window_and_batches_what_waits():
         assert [f.result(timeout=5) for f in futs] == [0, 2, 4, 6] and sizes == [4]
     finally:
         windowed.close()
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/zero-shot", "/v1/chat/completions", "/v1/preview"])
+def test_a_slow_upload_decode_does_not_hold_up_other_requests(client, img, monkeypatch, endpoint):
+    """Uploads are decoded in worker threads: while one request's image takes a second to decode
+    (a large DICOM), the event loop still answers everyone else at once."""
+    server = client.app.state.server
+    server.decoder.vision_cache.clear()
+    server.decoder.prompt_kv.spans.clear()
+    real, started = server.store.decode, threading.Event()
+
+    def slow(url):
+        started.set()
+        time.sleep(1.0)
+        return real(url)
+    monkeypatch.setattr(server.store, "decode", slow)
+    body = {"/v1/zero-shot": {"image": img, "labels": ["chest", "head"]},
+            "/v1/chat/completions": chat_body(img, max_tokens=2), "/v1/preview": {"image": img}}[endpoint]
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("r", client.post(endpoint, json=body)))
+    th.start()
+    assert started.wait(5)
+    t0 = time.monotonic()
+    assert client.get("/health").status_code == 200
+    waited = time.monotonic() - t0
+    th.join(10)
+    assert out["r"].status_code == 200, out["r"].text
+    assert waited < 0.5, f"/health waited {waited:.2f} s behind a decoding upload"

@@ -18,6 +18,10 @@ Design choices:
 * **Batched CLIP endpoints**: zero-shot and embedding requests waiting when the tower is free
   (or within ``batch_wait_ms``) share one image-tower call and one text-tower call
   (:class:`medvl.serve.batcher.Batcher`); the class embeddings of a label set are cached.
+* **Uploads decode off the event loop**: base64, the image decoder and CLIP preprocessing run
+  in worker threads (``asyncio.to_thread``), so a large DICOM never stalls other clients'
+  streams, and a CLIP batch's thread runs only the towers while the next requests' images are
+  prepared beside it.
 * **Precision** ``auto``: the models run in bf16 where the hardware computes it natively and
   fp32 elsewhere (:mod:`medvl.models.precision`) — what makes a batch cheap relative to one
   request on a CPU with AMX (docs/serve.md).
@@ -335,23 +339,25 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
 
         from medvl.data.imageio import to_pil
         from medvl.errors import MedvlUserError
-        media, img = server.store.decode(req.image)
-        try:
-            pil = to_pil(img, req.window)
-            pil.thumbnail((512, 512))
-            buf = io.BytesIO()
-            pil.save(buf, format="PNG")
-        except MedvlUserError as e:
-            raise RequestError(400, str(e)) from None
-        finally:
-            server.store.release(media)
-        return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
-                "modality": getattr(img, "modality", None)}
+        def render():
+            media, img = server.store.decode(req.image)
+            try:
+                pil = to_pil(img, req.window)
+                pil.thumbnail((512, 512))
+                buf = io.BytesIO()
+                pil.save(buf, format="PNG")
+            except MedvlUserError as e:
+                raise RequestError(400, str(e)) from None
+            finally:
+                server.store.release(media)
+            return buf.getvalue(), getattr(img, "modality", None)
+        png, modality = await asyncio.to_thread(render)
+        return {"png": "data:image/png;base64," + base64.b64encode(png).decode(), "modality": modality}
 
     # -- chat ------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        sample, media, settings = server.parse_chat(req)
+        sample, media, settings = await asyncio.to_thread(server.parse_chat, req)  # decodes the upload
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         busy = error(503, "server busy: the request queue is full, retry shortly", "overloaded", {"Retry-After": "1"})
         if req.stream:
@@ -389,6 +395,16 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
             raise RequestError(404, f"model {name!r} is not served here; the CLIP is {server.clip_name!r}",
                                "model_not_found")
 
+    def clip_pixels(uris: list[str], window=None):
+        """Uploads -> the tower's input, in a worker thread: decoding and preprocessing never hold
+        up the event loop, and run beside the tower's batches instead of inside them."""
+        images = []
+        for uri in uris:
+            media, img = server.store.decode(uri)
+            server.store.release(media)
+            images.append(img)
+        return server.clip_runner.pixels(images, window)
+
     async def clip_call(item: dict):
         try:
             fut = server.clip_batcher.submit(item)
@@ -399,8 +415,6 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         except asyncio.TimeoutError:
             fut.cancel()
             raise RequestError(504, f"the CLIP took longer than {cfg.timeout_s:.0f} s", "timeout") from None
-        if isinstance(res, RequestError):
-            raise res
         return res
 
     @app.post("/v1/zero-shot")
@@ -414,9 +428,8 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
             labels = check_labels(req.labels)
         except MedvlUserError as e:
             raise RequestError(400, str(e)) from None
-        media, img = server.store.decode(req.image)
-        server.store.release(media)
-        probs = await clip_call({"kind": "zero-shot", "image": img, "labels": labels, "window": req.window})
+        pixels = await asyncio.to_thread(clip_pixels, [req.image], req.window)  # [1, 3, S, S]
+        probs = await clip_call({"kind": "zero-shot", "pixels": pixels, "labels": labels})
         order = sorted(range(len(probs)), key=lambda k: -probs[k])
         return {"object": "zero_shot", "model": server.clip_name, "labels": labels, "probs": probs,
                 "ranking": [{"label": labels[k], "prob": probs[k]} for k in order]}
@@ -430,14 +443,9 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         is_img = [isinstance(x, str) and x.startswith("data:") for x in items]
         if any(not x.strip() for x, im in zip(items, is_img) if not im):
             raise RequestError(400, "input: empty text")
-        images = []
-        for x, im in zip(items, is_img):
-            if im:
-                media, img = server.store.decode(x)
-                server.store.release(media)
-                images.append(img)
+        pixels = await asyncio.to_thread(clip_pixels, [x for x, im in zip(items, is_img) if im])  # [n, 3, S, S]
         texts = [x for x, im in zip(items, is_img) if not im]
-        got = await clip_call({"kind": "embed", "texts": texts, "images": images})
+        got = await clip_call({"kind": "embed", "texts": texts, "pixels": pixels})
         it_t, it_i = iter(got["texts"]), iter(got["images"])
         vecs = [next(it_i) if im else next(it_t) for im in is_img]
         n_tok = sum(len(x.split()) for x in texts)

@@ -1,12 +1,13 @@
 """Batched CLIP work for the server: zero-shot and embedding requests that arrive together share
 one image-tower call and one text-tower call.
 
-A batch is a list of items ``{"kind": "zero-shot", "image", "labels", "window"}`` or
-``{"kind": "embed", "texts", "images"}``; the result for each is its probabilities / vectors,
-or a :class:`medvl.serve.uploads.RequestError` for that item alone (one undecodable DICOM
-does not fail the others). The class embeddings of a label set (the prompt ensemble of
-:func:`medvl.eval.zero_shot.class_embeddings`, every prompt of every label in one text call)
-are cached by label set, least recently used evicted past ``max_label_sets``.
+A batch is a list of items ``{"kind": "zero-shot", "pixels", "labels"}`` or
+``{"kind": "embed", "texts", "pixels"}`` (``pixels``: ``[n, 3, S, S]``, already preprocessed by
+:meth:`ClipRunner.pixels` in the request's own worker thread, so an image the CLIP cannot use
+is that request's 400 before it joins a batch, and the batch's thread runs only the towers);
+the result for each is its probabilities / vectors. The class embeddings of a label set (the
+prompt ensemble of :func:`medvl.eval.zero_shot.class_embeddings`, every prompt of every label
+in one text call) are cached by label set, least recently used evicted past ``max_label_sets``.
 """
 
 from __future__ import annotations
@@ -41,34 +42,33 @@ class ClipRunner:
             self.class_cache.popitem(last=False)
         return W
 
+    def pixels(self, images: Sequence[Any], window=None) -> torch.Tensor:
+        """Decoded images -> the tower's input ``[n, 3, S, S]``; raises RequestError (400) for an
+        image it cannot use. Called in the request's worker thread, before batching: resizing and
+        normalising run beside the tower instead of inside its batch."""
+        from medvl.errors import MedvlUserError
+        S = self.clip.config.image_size
+        try:
+            px = [self.clip.preprocess(img, window=window) for img in images]
+        except MedvlUserError as e:
+            raise RequestError(400, f"cannot use the image: {e}") from None
+        return torch.stack(px) if px else torch.zeros(0, 3, S, S)
+
     @torch.no_grad()
     def __call__(self, items: Sequence[dict]) -> list[Any]:
-        from medvl.errors import MedvlUserError
         out: list[Any] = [None] * len(items)
-        pixels, where = [], []  # where[j] = (item, image index)
-        for k, it in enumerate(items):
-            imgs = [it["image"]] if it["kind"] == "zero-shot" else it["images"]
-            try:
-                px = [self.clip.preprocess(img, window=it.get("window")) for img in imgs]
-            except MedvlUserError as e:
-                out[k] = RequestError(400, f"cannot use the image: {e}")
-                continue
-            pixels += px
-            where += [(k, j) for j in range(len(px))]
-        feats = self.clip.encode_image(torch.stack(pixels)).float() if pixels else None  # [n, D], normalised
-        by_item: dict[int, list[torch.Tensor]] = {}
-        for (k, _), f in zip(where, feats if feats is not None else []):
-            by_item.setdefault(k, []).append(f)
+        counts = [len(it["pixels"]) for it in items]
+        pixels = torch.cat([it["pixels"] for it in items]) if sum(counts) else None  # [n, 3, S, S]
+        feats = self.clip.encode_image(pixels).float() if pixels is not None else None  # [n, D], normalised
+        by_item = list(torch.split(feats, counts)) if feats is not None else [[] for _ in items]
         texts = sorted({t for it in items if it["kind"] == "embed" for t in it["texts"]})
         tvec = dict(zip(texts, self.clip.encode_text(texts).float())) if texts else {}
         scale = float(self.clip.logit_scale.exp())
         for k, it in enumerate(items):
-            if out[k] is not None:
-                continue
             if it["kind"] == "zero-shot":
                 W = self.class_embeddings(it["labels"])
                 out[k] = (scale * by_item[k][0] @ W.T).softmax(-1).tolist()
             else:
                 out[k] = {"texts": [tvec[t].tolist() for t in it["texts"]],
-                          "images": [v.tolist() for v in by_item.get(k, [])]}
+                          "images": [v.tolist() for v in by_item[k]]}
         return out
