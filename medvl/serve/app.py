@@ -171,7 +171,9 @@ class Server:
     # -- chat ------------------------------------------------------------------------------
     def parse_chat(self, req) -> tuple[Any, list, dict]:
         """Request -> (Sample, uploaded media, decoding settings incl. the images' content keys);
-        raises RequestError."""
+        raises RequestError. Uploads whose vision tokens are not cached are not decoded here:
+        ``settings["uploads"]`` lists them (index into media, data URI) for :meth:`decode_uploads`,
+        which the endpoint runs in a worker thread."""
         from medvl.data.schema import Sample, Turn
         if self.pipe is None:
             raise RequestError(404, "this server has no chat model (start it with --model)", "model_not_found")
@@ -215,10 +217,16 @@ class Server:
         # last: every other check passed. An image whose vision tokens are cached (the same bytes were
         # accepted and encoded before) is not decoded again: the request carries the tokens
         settings["vision"] = [self.decoder.vision_cache.get(k, count_miss=False) for k in keys]
-        media = [Media(None) if v is not None else self.store.decode(p.image_url.url)[0]
-                 for p, v in zip(images, settings["vision"])]
+        media = [Media(None) for _ in images]
+        settings["uploads"] = [(k, p.image_url.url) for k, (p, v) in enumerate(zip(images, settings["vision"]))
+                               if v is None]
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
+
+    def decode_uploads(self, media: list, uploads: list[tuple[int, str]]) -> None:
+        """Decode the listed uploads into ``media`` (in place: the Sample holds the same list)."""
+        for k, url in uploads:
+            media[k] = self.store.decode(url)[0]
 
     def template_prefix(self) -> list[int]:
         """The tokens every default chat prompt starts with (the template's system turn and the
@@ -357,7 +365,9 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
     # -- chat ------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        sample, media, settings = await asyncio.to_thread(server.parse_chat, req)  # decodes the upload
+        sample, media, settings = server.parse_chat(req)
+        if settings["uploads"]:  # an image not seen before: decoded in a worker thread, not on the event loop
+            await asyncio.to_thread(server.decode_uploads, media, settings["uploads"])
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         busy = error(503, "server busy: the request queue is full, retry shortly", "overloaded", {"Retry-After": "1"})
         if req.stream:
