@@ -6,6 +6,7 @@ server build, same run — closed-loop clients, open-loop Poisson arrivals, zero
                                      [--baseline-src PATH] [--pin] [--precision auto|fp32|bf16]
     python benchmarks/bench_serve.py --rounds 5 ...   # only the 16-client ratios, interleaved
     python benchmarks/bench_serve.py --memory-only ...  # only the server's RSS over 10,000 requests
+    python benchmarks/bench_serve.py --zero-shot-ceiling ...  # in process: what batching can give zero-shot
 
 Each server runs in its own process (``medvl serve --model MODEL --clip CLIP``; by default the
 first shipped VLM and CLIP, which the earlier builds can serve too — ``--model
@@ -34,7 +35,8 @@ float over the 2 cores (the server's torch uses 2 threads). Results go to
 ``benchmarks/results/serve.json`` and the latency plot to ``docs/img/serve_latency.png``.
 
 ``--rounds N`` measures only the 16-client chat and zero-shot ratios, with both servers up at
-once and their phases alternating for N rounds, and reports the median and range: on a shared
+once (the ``--baseline-src`` one too, for its p99 side by side) and their phases alternating for
+N rounds, and reports the median and range: on a shared
 2-core machine one server's phases can land in a slow spell (seen: a one-at-a-time server at
 6.2 answers/s in one full run and 11.6-12.6 in others), which a single sequential run cannot tell
 from a real difference.
@@ -242,27 +244,80 @@ def memory_only(args, chat: list[dict]) -> dict:
     proc, url = start(32, args.model, args.clip, None, args.pin, args.precision, server_args(args))
     try:
         closed_loop(url, "/v1/chat/completions", chat, 4, 32)
-        mem = [(0, rss_mb(proc.pid))]
+        import httpx
+        mem, floor = [(0, rss_mb(proc.pid))], []
 
         def sample(done: int) -> None:
             if done % 500 == 0:
                 mem.append((done, rss_mb(proc.pid)))
+                try:  # the server's own RSS right after its last heap trim: no trim-phase swing
+                    floor.append((done, httpx.get(url + "/ready", timeout=10).json()["chat"].get("rss_after_trim_mb")))
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
         rm = closed_loop(url, "/v1/chat/completions", chat, 16, args.memory_requests, on_done=sample, limit_s=1800)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     print(f"server RSS over {rm['requests']} requests (errors {rm['errors']}, {rm['answers_per_s']:.1f}/s): "
           + ", ".join(f"{n}: {v:.0f}" for n, v in mem) + " MB")
+    print("right after the last trim: " + ", ".join(f"{n}: {v:.0f}" for n, v in floor if v) + " MB")
     return {"memory": {"requests": rm["requests"], "errors": rm["errors"], "answers_per_s": rm["answers_per_s"],
-                       "rss_mb": mem}}
+                       "rss_mb": mem, "rss_after_trim_mb": floor}}
+
+
+def zero_shot_ceiling(args, zs: list[dict]) -> dict:
+    """In process, no HTTP: what one zero-shot request costs at batch 1 and in a batch of 16 — the
+    upload's decode + preprocessing (paid per request either way) and the image tower per image —
+    and the ratio the batch could give if HTTP and the clients cost nothing."""
+    import torch
+
+    from medvl.models.clip import load_clip
+    from medvl.models.precision import for_inference
+    from medvl.serve.clip_batch import ClipRunner
+    from medvl.serve.uploads import UploadStore
+    clip = load_clip(args.clip).eval()
+    prec = for_inference(clip, args.precision)
+    runner, store = ClipRunner(clip), UploadStore(16 * 2**20, 40_000_000)
+
+    def prepare(body):
+        media, img = store.decode(body["image"])
+        store.release(media)
+        return runner.pixels([img])  # [1, 3, S, S]
+
+    def per_call_ms(fn, n_items: int, seconds: float = 3.0) -> float:
+        fn()
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            k += 1
+        return 1000 * (time.perf_counter() - t0) / (k * n_items)
+    px = [prepare(b) for b in zs[:16]]
+    items = [{"kind": "zero-shot", "pixels": p, "labels": ["head", "chest", "abdomen"]} for p in px]
+    with torch.no_grad():
+        out = {"precision": prec,
+               "prepare_ms": per_call_ms(lambda: [prepare(b) for b in zs[:16]], 16),
+               "tower_b1_ms": per_call_ms(lambda: clip.encode_image(px[0]), 1),
+               "tower_b16_ms": per_call_ms(lambda: clip.encode_image(torch.cat(px)), 16),
+               "runner_b1_ms": per_call_ms(lambda: runner(items[:1]), 1),
+               "runner_b16_ms": per_call_ms(lambda: runner(items), 16)}
+    out["tower_ratio"] = out["tower_b1_ms"] / out["tower_b16_ms"]
+    out["ceiling_ratio"] = (out["prepare_ms"] + out["runner_b1_ms"]) / (out["prepare_ms"] + out["runner_b16_ms"])
+    print(f"zero-shot in process ({prec}): decode + preprocess {out['prepare_ms']:.2f} ms/request; tower "
+          f"{out['tower_b1_ms']:.2f} ms alone, {out['tower_b16_ms']:.2f} ms/image in 16 ({out['tower_ratio']:.2f}x); "
+          f"runner {out['runner_b1_ms']:.2f} / {out['runner_b16_ms']:.2f} ms; with the per-request work "
+          f"{out['ceiling_ratio']:.2f}x at most (one core each; HTTP and clients not counted)")
+    return {"zero_shot_ceiling": out}
 
 
 def interleaved(args, chat: list[dict], zs: list[dict]) -> dict:
     """Both of this build's servers up at once (an idle one costs no CPU), 16-client closed-loop
     chat and zero-shot phases alternating between them for ``--rounds`` rounds: a burst of noise on
     the shared machine then lands on both sides, and the ratio comes with its spread."""
-    procs = {name: start(mb, args.model, args.clip, None, args.pin, args.precision, server_args(args))
-             for name, mb in (("continuous", 32), ("one_at_a_time", 1))}
+    runs = [("continuous", 32, None), ("one_at_a_time", 1, None)]
+    if args.baseline_src:  # a third server from another checkout, in the same rounds
+        runs.append((args.baseline_name, 32, Path(args.baseline_src)))
+    procs = {name: start(mb, args.model, args.clip, src, args.pin, args.precision, server_args(args))
+             for name, mb, src in runs}
     out: dict = {"rounds": []}
     try:
         for _, url in procs.values():  # warm-up
@@ -280,6 +335,11 @@ def interleaved(args, chat: list[dict], zs: list[dict]) -> dict:
             print(f"round {k}: chat {c['chat']['answers_per_s']:.1f} vs {o['chat']['answers_per_s']:.1f}/s = "
                   f"{rnd['chat_ratio']:.2f}x, zero-shot {c['zero_shot']['answers_per_s']:.1f} vs "
                   f"{o['zero_shot']['answers_per_s']:.1f}/s = {rnd['zero_shot_ratio']:.2f}x", flush=True)
+            if args.baseline_src:
+                b = rnd[args.baseline_name]
+                print(f"  chat p99 {c['chat']['p99_ms']:.0f} ms vs {b['chat']['p99_ms']:.0f} ms ({args.baseline_name}, "
+                      f"{b['chat']['answers_per_s']:.1f}/s); zero-shot p99 {c['zero_shot']['p99_ms']:.0f} vs "
+                      f"{b['zero_shot']['p99_ms']:.0f} ms", flush=True)
     finally:
         for proc, _ in procs.values():
             proc.terminate()
@@ -287,6 +347,9 @@ def interleaved(args, chat: list[dict], zs: list[dict]) -> dict:
     for key in ("chat_ratio", "zero_shot_ratio"):
         xs = sorted(r[key] for r in out["rounds"])
         out[key] = {"median": statistics.median(xs), "min": xs[0], "max": xs[-1]}
+    for name in procs:
+        xs = sorted(r[name]["chat"]["p99_ms"] for r in out["rounds"])
+        out.setdefault("chat_p99_ms", {})[name] = {"median": statistics.median(xs), "min": xs[0], "max": xs[-1]}
     print(f"median over {args.rounds} rounds: chat {out['chat_ratio']['median']:.2f}x "
           f"[{out['chat_ratio']['min']:.2f}, {out['chat_ratio']['max']:.2f}], zero-shot "
           f"{out['zero_shot_ratio']['median']:.2f}x [{out['zero_shot_ratio']['min']:.2f}, "
@@ -347,6 +410,8 @@ def main() -> int:
     ap.add_argument("--span-cache-mb", type=float, default=None,
                     help="this build's servers' --span-cache-mb (0: no image-span KV reuse; default: the server's)")
     ap.add_argument("--memory-only", action="store_true", help="only the continuous server's RSS over --memory-requests")
+    ap.add_argument("--zero-shot-ceiling", action="store_true",
+                    help="only the in-process costs of a zero-shot request, alone and in a batch of 16 (no server)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="only the 16-client ratios: both servers up, phases alternating for N rounds (median, range)")
     args = ap.parse_args()
@@ -358,10 +423,11 @@ def main() -> int:
             raise SystemExit("--pin needs taskset and 2 CPUs")
         os.sched_setaffinity(0, {0})
     chat, zs = chat_bodies(args.model), zero_shot_bodies()
-    if args.rounds or args.memory_only:
+    if args.rounds or args.memory_only or args.zero_shot_ceiling:
+        part = memory_only(args, chat) if args.memory_only else zero_shot_ceiling(args, zs) \
+            if args.zero_shot_ceiling else interleaved(args, chat, zs)
         res = {"model": args.model, "clip": args.clip, "precision": args.precision, "pinned": args.pin,
-               "span_cache_mb": args.span_cache_mb,
-               **(memory_only(args, chat) if args.memory_only else interleaved(args, chat, zs))}
+               "span_cache_mb": args.span_cache_mb, **part}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         return 0

@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -70,6 +71,15 @@ def _malloc_trim():
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return lib.malloc_trim
     except (OSError, AttributeError):
+        return None
+
+
+def _rss_mb() -> float | None:
+    """This process's resident set in MB (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") / 2**20)
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -138,6 +148,7 @@ class ContinuousDecoder:
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in vocab else tokenizer.eos_token_id
         self.rows: list[GenRequest] = []
         self._trimmed_at = 0
+        self.rss_after_trim_mb: float | None = None  # RSS right after the last heap trim (stats)
         self._reset()
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0, "row_steps": 0, "prefills": 0,
                          "prompt_tokens_run": 0, "failed": 0, "prefix_hits": 0}
@@ -162,6 +173,7 @@ class ContinuousDecoder:
         c = self.counters
         return {"running": len(self.rows), "queue": self.q.qsize(), "cache_columns": len(self.col_owner), **c,
                 "mean_rows_per_step": c["row_steps"] / c["steps"] if c["steps"] else 0.0,
+                "rss_after_trim_mb": self.rss_after_trim_mb,
                 "vision_cache": self.vision_cache.stats(), "image_span_cache": self.prompt_kv.spans.stats()}
 
     # -- the worker -----------------------------------------------------------------------------
@@ -183,6 +195,7 @@ class ContinuousDecoder:
                 # (~40 s under load) that is under 0.1 % of the decoder's time.
                 trim(0)
                 self._trimmed_at = self.counters["steps"]
+                self.rss_after_trim_mb = _rss_mb()  # the process's floor: samples between trims swing
             new: list[GenRequest] = []
             if not self.rows:
                 try:
