@@ -482,3 +482,26 @@ def test_a_slow_upload_decode_does_not_hold_up_other_requests(client, img, monke
     th.join(10)
     assert out["r"].status_code == 200, out["r"].text
     assert waited < 0.5, f"/health waited {waited:.2f} s behind a decoding upload"
+
+
+def test_the_server_caps_onednn_kernel_cache_before_its_first_kernel():
+    """`medvl serve` caps oneDNN's kernel cache (an unbounded-looking RSS drift under packed steps,
+    docs/serve.md); set from Python after torch is imported, the cap must still take effect."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, torch\nfrom medvl.serve.commands import bound_kernel_cache\n"
+            "bound_kernel_cache(int(sys.argv[1]))\nc = torch.nn.Conv2d(3, 8, 3)\n"
+            "with torch.no_grad():\n    for n in (1, 2, 1, 2, 1):\n        c(torch.randn(n, 3, 16, 16))\n")
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env["ONEDNN_VERBOSE"] = "all"
+
+    def misses(capacity: int) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", code, str(capacity)], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.count("cache_miss"), out.stdout.count("cache_hit")
+    small, large = misses(1), misses(64)
+    if small == large == (0, 0):
+        pytest.skip("this torch build's CPU convolutions do not go through oneDNN")
+    assert small[0] > large[0] and large[1] > 0  # one kernel kept: the alternating shapes rebuild theirs
