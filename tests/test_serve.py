@@ -505,3 +505,65 @@ def test_the_server_caps_onednn_kernel_cache_before_its_first_kernel():
     if small == large == (0, 0):
         pytest.skip("this torch build's CPU convolutions do not go through oneDNN")
     assert small[0] > large[0] and large[1] > 0  # one kernel kept: the alternating shapes rebuild theirs
+
+
+def test_allocator_choice(monkeypatch):
+    """jemalloc is preloaded only where the system has it, never twice, never against the user's choice."""
+    import os
+
+    from medvl.errors import MedvlUserError
+    from medvl.serve import commands
+    assert commands.allocator_preload("system", {}) is None
+    assert commands.allocator_preload("auto", {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
+    assert commands.allocator_preload("jemalloc", {"MEDVL_ALLOCATOR": "/x/libjemalloc.so.2"}) is None  # the re-exec
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/usr/lib64/libjemalloc.so.2")
+    assert commands.allocator_preload("auto", {}) == "/usr/lib64/libjemalloc.so.2"
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    assert commands.allocator_preload("auto", {}) is None
+    with pytest.raises(MedvlUserError, match="apt install libjemalloc2"):
+        commands.allocator_preload("jemalloc", {})
+
+
+def test_medvl_serve_starts_on_the_allocator_it_reports():
+    """The command line server (CLIP only, to start fast) re-executes itself with jemalloc preloaded
+    where the system has it, says so, and serves; without both models it is a clear error."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from medvl.serve.commands import allocator_preload
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MEDVL_ALLOCATOR")}
+    want = "jemalloc" if allocator_preload("auto", env) and sys.platform.startswith("linux") else "system"
+    bad = subprocess.run([sys.executable, "-m", "medvl.cli", "serve", "--model", "", "--clip", ""], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "needs a VLM (--model) or a CLIP (--clip)" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "medvl.cli", "serve", "--model", "", "--clip", CLIP,
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving on" in line:
+                break
+        assert f"medvl: heap allocator {want}\n" in lines, lines
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not answer /health")
+        if want == "jemalloc":
+            assert "libjemalloc" in open(f"/proc/{proc.pid}/maps").read()  # the same process, re-executed
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

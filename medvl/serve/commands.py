@@ -33,7 +33,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(4-6x faster matmuls on AMX CPUs; answers may differ from fp32 in a few percent), else fp32")
     p.add_argument("--tower-precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the vision tower under bf16 autocast (faster on CPUs with bf16 units)")
+    p.add_argument("--allocator", choices=["auto", "jemalloc", "system"], default="auto",
+                   help="heap allocator: auto (default) = jemalloc where the system has it (measured 8-15%% more "
+                        "answers/s and a lower p99 than glibc's), else the system's")
     p.set_defaults(func=cmd_serve)
+
+
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def allocator_preload(choice: str, environ: dict[str, str]) -> str | None:
+    """The library to preload before serving, or None to run as is.
+
+    jemalloc in place of glibc's malloc, as PyTorch's own CPU launcher prefers
+    (``torch.backends.xeon.run_cpu``): the decoder frees and allocates tensors of new sizes every
+    packed step, which glibc's arenas serve worse. Measured on the 30-block default, 16 chat
+    clients, alternating A/B: 59-63 vs 53-56 answers/s, p99 687-741 vs 772-798 ms, lower RSS
+    (docs/serve.md). Nothing is downloaded: only a jemalloc the system already has is used
+    (Debian/Ubuntu: ``apt install libjemalloc2``); ``auto`` runs as is without one, ``jemalloc``
+    without one is an error.
+    """
+    if choice == "system" or "jemalloc" in environ.get("LD_PRELOAD", "") or environ.get("MEDVL_ALLOCATOR"):
+        return None  # the user's choice, or already preloaded (this process is the re-exec)
+    import ctypes.util
+    import os
+    found = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None) or ctypes.util.find_library("jemalloc")
+    if found is None and choice == "jemalloc":
+        raise MedvlUserError("--allocator jemalloc: no libjemalloc on this system (Debian/Ubuntu: apt install "
+                             "libjemalloc2), or use --allocator system")
+    return found
 
 
 KERNEL_CACHE = 128
@@ -59,8 +88,24 @@ def bound_kernel_cache(capacity: int = KERNEL_CACHE) -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
+def loaded_allocator() -> str:
+    """Which allocator this process runs on: a preload that failed is reported as not there."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "jemalloc" if "libjemalloc" in f.read() else "system"
+    except OSError:
+        return "system"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import sys
+    if not args.model and not args.clip:
+        raise MedvlUserError("serve needs a VLM (--model) or a CLIP (--clip); both were given as ''")
+    lib = allocator_preload(args.allocator, dict(os.environ))
+    if lib is not None and sys.platform.startswith("linux"):  # restart this command with jemalloc preloaded
+        env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip(), MEDVL_ALLOCATOR=lib)
+        os.execve(sys.executable, [sys.executable, "-m", "medvl.cli", *sys.argv[1:]], env)
     bound_kernel_cache()
     try:
         import uvicorn
@@ -85,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"medvl: {server.vlm_name} in {server.pipe.precision}")
     if server.clip is not None:
         print(f"medvl: {server.clip_name} in {server.clip_precision}")
+    print(f"medvl: heap allocator {loaded_allocator()}")
     print(f"medvl: serving on http://{args.host}:{args.port}/ (API at /v1, docs at /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
