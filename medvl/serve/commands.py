@@ -103,7 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.model and not args.clip:
         raise MedvlUserError("serve needs a VLM (--model) or a CLIP (--clip); both were given as ''")
     lib = allocator_preload(args.allocator, dict(os.environ))
-    if lib is not None and sys.platform.startswith("linux"):  # restart this command with jemalloc preloaded
+    # restart this command with jemalloc preloaded — only when this process is the command line's `serve`
+    # (a program calling medvl.cli.main(["serve", ...]) keeps its own process and allocator)
+    if lib is not None and sys.platform.startswith("linux") and sys.argv[1:2] == ["serve"]:
         env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip(), MEDVL_ALLOCATOR=lib)
         os.execve(sys.executable, [sys.executable, "-m", "medvl.cli", *sys.argv[1:]], env)
     bound_kernel_cache()
