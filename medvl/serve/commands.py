@@ -77,8 +77,8 @@ def bound_kernel_cache(capacity: int = KERNEL_CACHE) -> None:
     distinct problem shape and keeps up to 1,024 of them. A packed decode step has a new token
     count almost every step, so under load that cache keeps filling for thousands of requests.
     Measured (30-block default, 16 chat clients, RSS right after each heap trim, 1,500 -> 10,000
-    requests): 1,724 -> 1,955 MB with oneDNN's default, 1,543 -> 1,696 MB with 128, the same
-    answers/s (51.3 / 50.1); zero-shot the same with 128 (302 / 300 requests/s), 13 % slower with
+    requests): 1,724 -> 1,955 MB with oneDNN's default, 1,531 -> 1,689 MB with 128, the same
+    answers/s (51.3 / 50.8); zero-shot the same with 128 (302 / 300 requests/s), 13 % slower with
     16 (the CLIP batches' convolutions then rebuilt every batch). Not capped by default, measured:
     ideep's descriptor cache in front of it (``LRU_CACHE_CAPACITY=128``: 1,413 -> 1,512 MB, but
     7 % fewer answers/s) and PyTorch's own cache of flash-attention tile kernels (unbounded per
