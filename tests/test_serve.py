@@ -515,7 +515,7 @@ def test_allocator_choice(monkeypatch):
     from medvl.serve import commands
     assert commands.allocator_preload("system", {}) is None
     assert commands.allocator_preload("auto", {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
-    assert commands.allocator_preload("jemalloc", {"MEDVL_ALLOCATOR": "/x/libjemalloc.so.2"}) is None  # the re-exec
+    assert commands.allocator_preload("jemalloc", {"LD_PRELOAD": "libjemalloc.so.2 x.so"}) is None  # the re-exec
     monkeypatch.setattr(os.path, "exists", lambda p: p == "/usr/lib64/libjemalloc.so.2")
     assert commands.allocator_preload("auto", {}) == "/usr/lib64/libjemalloc.so.2"
     monkeypatch.setattr(os.path, "exists", lambda p: False)
@@ -523,6 +523,16 @@ def test_allocator_choice(monkeypatch):
     assert commands.allocator_preload("auto", {}) is None
     with pytest.raises(MedvlUserError, match="apt install libjemalloc2"):
         commands.allocator_preload("jemalloc", {})
+
+
+def test_asking_for_jemalloc_where_it_cannot_be_had_is_a_clear_error(capsys, monkeypatch):
+    """Inside another program (here pytest) the server cannot restart itself; an explicit
+    --allocator jemalloc then says so (or that there is no jemalloc) instead of running without it."""
+    from medvl.cli import main
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert main(["serve", "--allocator", "jemalloc", "--model", "", "--clip", CLIP]) != 0
+    err = capsys.readouterr().err
+    assert "--allocator jemalloc" in err and "Traceback" not in err
 
 
 def test_medvl_serve_starts_on_the_allocator_it_reports():
@@ -536,7 +546,7 @@ def test_medvl_serve_starts_on_the_allocator_it_reports():
     import httpx
 
     from medvl.serve.commands import allocator_preload
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MEDVL_ALLOCATOR")}
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     want = "jemalloc" if allocator_preload("auto", env) and sys.platform.startswith("linux") else "system"
     bad = subprocess.run([sys.executable, "-m", "medvl.cli", "serve", "--model", "", "--clip", ""], env=env,
                          capture_output=True, text=True, timeout=120)

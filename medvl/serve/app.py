@@ -453,7 +453,8 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         is_img = [isinstance(x, str) and x.startswith("data:") for x in items]
         if any(not x.strip() for x, im in zip(items, is_img) if not im):
             raise RequestError(400, "input: empty text")
-        pixels = await asyncio.to_thread(clip_pixels, [x for x, im in zip(items, is_img) if im])  # [n, 3, S, S]
+        uris = [x for x, im in zip(items, is_img) if im]
+        pixels = await asyncio.to_thread(clip_pixels, uris) if uris else server.clip_runner.pixels([])  # [n, 3, S, S]
         texts = [x for x, im in zip(items, is_img) if not im]
         got = await clip_call({"kind": "embed", "texts": texts, "pixels": pixels})
         it_t, it_i = iter(got["texts"]), iter(got["images"])

@@ -54,8 +54,8 @@ def allocator_preload(choice: str, environ: dict[str, str]) -> str | None:
     (Debian/Ubuntu: ``apt install libjemalloc2``); ``auto`` runs as is without one, ``jemalloc``
     without one is an error.
     """
-    if choice == "system" or "jemalloc" in environ.get("LD_PRELOAD", "") or environ.get("MEDVL_ALLOCATOR"):
-        return None  # the user's choice, or already preloaded (this process is the re-exec)
+    if choice == "system" or "jemalloc" in environ.get("LD_PRELOAD", ""):
+        return None  # the user's choice, or already preloaded (by the user, or this process is the re-exec)
     import ctypes.util
     import os
     found = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None) or ctypes.util.find_library("jemalloc")
@@ -106,8 +106,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # restart this command with jemalloc preloaded — only when this process is the command line's `serve`
     # (a program calling medvl.cli.main(["serve", ...]) keeps its own process and allocator)
     if lib is not None and sys.platform.startswith("linux") and sys.argv[1:2] == ["serve"]:
-        env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip(), MEDVL_ALLOCATOR=lib)
+        env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip())
         os.execve(sys.executable, [sys.executable, "-m", "medvl.cli", *sys.argv[1:]], env)
+    if lib is not None and args.allocator == "jemalloc":  # asked for, and this process cannot restart itself
+        raise MedvlUserError(f"--allocator jemalloc: start the server as the `medvl serve` command on Linux, or "
+                             f"preload it yourself (LD_PRELOAD={lib})")
     bound_kernel_cache()
     try:
         import uvicorn
