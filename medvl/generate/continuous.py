@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import torch
 
+from medvl.generate.packed_cache import PackedKVCache
 from medvl.generate.prompt_cache import PromptKV, TensorLRU
 from medvl.models.precision import as_pixels
 
@@ -179,7 +180,7 @@ class ContinuousDecoder:
     # -- the worker -----------------------------------------------------------------------------
     def _reset(self) -> None:
         """No rows: an empty cache (the shared prefix is put back by the next step)."""
-        self.cache = None  # DynamicCache, [1, H, K, D] per layer
+        self.cache: PackedKVCache | None = None  # [1, H, K, D] per layer (block-padded buffers)
         self.col_owner = torch.zeros(0, dtype=torch.long)  # [K] the row slot of each column, -1 = shared prefix
         self.col_seq = torch.zeros(0, dtype=torch.long)  # [K] its index within that row's sequence
         self._next_slot = 0
@@ -253,23 +254,18 @@ class ContinuousDecoder:
         return torch.stack([found[k] for k in keys]) if keys else None
 
     def _append(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, range]]) -> None:
-        """Put columns into the cache, one concatenation per layer: each part is (per layer (keys,
-        values) [1, H, n, D], the owner, the columns' indices within the owner's sequence)."""
-        from transformers import DynamicCache
-        if self.cache is None:
-            self.cache = DynamicCache()
-            first, *parts = parts
-            for i, (k, v) in enumerate(first[0]):
-                self.cache.update(k.contiguous(), v.contiguous(), i)
-            self.col_owner = torch.full((len(first[2]),), first[1], dtype=torch.long)
-            self.col_seq = torch.tensor(list(first[2]), dtype=torch.long)
-        if not parts:
-            return
-        for i, layer in enumerate(self.cache.layers):
-            layer.keys = torch.cat([layer.keys] + [kv[i][0] for kv, _, _ in parts], 2)
-            layer.values = torch.cat([layer.values] + [kv[i][1] for kv, _, _ in parts], 2)
+        """Put columns into the cache: each part is (per layer (keys, values) [1, H, n, D], the owner,
+        the columns' indices within the owner's sequence)."""
+        self._cache()
+        for kv, _, _ in parts:
+            self.cache.write(kv)
         self.col_owner = torch.cat([self.col_owner] + [torch.full((len(sq),), o, dtype=torch.long) for _, o, sq in parts])
         self.col_seq = torch.cat([self.col_seq] + [torch.tensor(list(sq), dtype=torch.long) for _, _, sq in parts])
+
+    def _cache(self) -> PackedKVCache:
+        if self.cache is None:
+            self.cache = PackedKVCache(self.model.llm.config.get_text_config().num_hidden_layers)
+        return self.cache
 
     def _admit(self, r: GenRequest, ids: list, pos: list, owner: list, seq: list, pre: list,
                cached: list) -> tuple[str | None, bool]:
@@ -334,15 +330,14 @@ class ContinuousDecoder:
         q_own, q_seq, q_pre = torch.tensor(owner), torch.tensor(seq), torch.tensor(pre)  # [N]
         co, cs = torch.cat([self.col_owner, q_own]), torch.cat([self.col_seq, q_seq])  # [K + N]
         see = ((co[None] == q_own[:, None]) & (cs[None] <= q_seq[:, None])) | ((co[None] == -1) & q_pre[:, None])  # [N, K + N]
+        cache = self._cache()
+        L = cache.padded(K + len(ids))  # attention sees the cache rounded up to a block; the rest is masked
+        see = torch.nn.functional.pad(see, (0, L - see.shape[1]))  # [N, L]
         dev = m.device
         ids_t = torch.tensor([ids], device=dev)  # [1, N]
         emb = m.embed(ids_t, None, self._vision(need))  # [1, N, D]
-        if self.cache is None:
-            from transformers import DynamicCache
-            self.cache = DynamicCache()
         out = m.llm(inputs_embeds=emb, attention_mask=see[None, None].to(dev), position_ids=torch.tensor([pos], device=dev),
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=torch.tensor(ends, device=dev))
-        self.cache = out.past_key_values
+                    past_key_values=cache, use_cache=True, logits_to_keep=torch.tensor(ends, device=dev))
         self.col_owner, self.col_seq = co, cs
         for key, start in stores:
             kv.store(key, self.cache, 0, K + start)
@@ -370,8 +365,7 @@ class ContinuousDecoder:
         elif len(keep) < len(rows):  # the rows that left take their columns with them, now
             live = torch.tensor([r.slot for r in self.rows])
             idx = ((self.col_owner == -1) | torch.isin(self.col_owner, live)).nonzero()[:, 0].to(dev)
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, idx], layer.values[:, :, idx]
+            self.cache.keep(idx)
             self.col_owner, self.col_seq = self.col_owner[idx.cpu()], self.col_seq[idx.cpu()]
 
     def _choose(self, logits: torch.Tensor, reqs: list[GenRequest]) -> torch.Tensor:
