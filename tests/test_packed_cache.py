@@ -62,9 +62,11 @@ def test_the_cache_gives_a_model_the_logits_of_a_plain_cache():
             assert packed.get_seq_length() == b == seen + n
 
 
-def test_the_decoder_shows_attention_only_block_multiples(monkeypatch):
+def test_the_decoder_shows_the_model_only_block_multiples(monkeypatch):
     """Over a run of requests of different lengths joining and leaving, every key length attention
-    meets is a multiple of the block (the kernel caches behind attention see a handful of shapes)."""
+    meets is a multiple of the block and every step's token count a multiple of ``query_block``
+    (the kernel caches behind attention and the linear layers see a handful of shapes); the padding
+    tokens leave no column behind."""
     from medvl.data.bundled import load_bundled
     from medvl.generate.continuous import ContinuousDecoder, GenRequest
     from medvl.models.tokenizers import build_bpe_tokenizer
@@ -77,7 +79,7 @@ def test_the_decoder_shows_attention_only_block_multiples(monkeypatch):
 
     def spy(self, k, v, *a, **kw):
         out = update(self, k, v, *a, **kw)
-        lengths.append((out[0].shape[2], self.used))
+        lengths.append((out[0].shape[2], self.used, k.shape[2]))
         return out
     monkeypatch.setattr(PackedLayer, "update", spy)
     dec = ContinuousDecoder(m, tok, lambda t: t)
@@ -86,8 +88,10 @@ def test_the_decoder_shows_attention_only_block_multiples(monkeypatch):
     for i in range(12):
         dec._step([GenRequest([1] + [img] * n + list(range(20, 20 + i)), [torch.randn(3, 32, 32)], [f"i{i}"],
                               max_new_tokens=3 + i % 5)])
+        assert dec.cache.get_seq_length() == len(dec.col_owner)  # padding columns cut off again
     while dec.rows:
         dec._step([])
-    assert all(L % 64 == 0 and 0 <= L - used < 64 for L, used in lengths)
-    shapes, useds = {L for L, _ in lengths}, {used for _, used in lengths}
+    assert all(L % 64 == 0 and 0 <= L - used < 64 and step % 8 == 0 for L, used, step in lengths)
+    assert {step for _, _, step in lengths} != {8}  # not all steps were small
+    shapes, useds = {L for L, _, _ in lengths}, {used for _, used, _ in lengths}
     assert len(shapes) <= max(useds) // 64 + 1 and 2 * len(shapes) < len(useds)

@@ -13,7 +13,11 @@ what a step costs on a CPU (a decode step of the 30-block SmolLM2 reads 268 MB o
 weights): the flattened ragged batches of vLLM's V1 engine and SGLang instead of padded
 rectangles (Yu et al. 2022, "Orca", for iteration-level scheduling; Agrawal et al. 2024,
 "Sarathi-Serve", for prefills riding along decode steps), with a dense cache instead of pages.
-No padding anywhere: rows of different lengths cost only their own tokens.
+Rows of different lengths cost only their own tokens, give or take two roundings that keep the
+shapes the CPU kernels meet few (their compiled-kernel caches grow with every new shape): a step's
+token count is padded to a multiple of ``query_block`` (8) with tokens nobody sees and whose columns
+are cut off again, and attention is shown the cache rounded up to 64 columns, the rest masked
+(:mod:`medvl.generate.packed_cache`).
 
 A row leaves at its end-of-turn token, its own ``max_new_tokens``, a stop string, or when its
 client goes away (cancel); its cache columns are dropped in the same turn. Vision tokens come
@@ -132,7 +136,7 @@ def content_key(data: bytes) -> str:
 class ContinuousDecoder:
     def __init__(self, model, tokenizer, image_fn: Callable, *, max_batch: int = 32, max_queue: int = 64,
                  cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", step_tokens: int = 2048,
-                 prefix_ids: list[int] | None = None, span_cache_bytes: int = 256 * 2**20):
+                 prefix_ids: list[int] | None = None, span_cache_bytes: int = 256 * 2**20, query_block: int = 8):
         self.model, self.tok, self.image_fn = model, tokenizer, image_fn
         image_id = getattr(model.config, "image_token_id", None)
         usable = (prefix_ids and image_id not in prefix_ids and not getattr(model.config, "position_gap", 0))
@@ -142,11 +146,15 @@ class ContinuousDecoder:
         self.step_tokens = max(1, step_tokens)
         """newcomers' prompt tokens admitted per forward, counted whole (cached prefix / span included; a
         newcomer longer than this joins with no other newcomer)"""
+        self.query_block = max(1, query_block)
+        """a step's token count is padded to a multiple of this (see ``_step``)"""
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.vision_cache = TensorLRU(cache_bytes)
         self.tower_precision = tower_precision
         vocab = tokenizer.get_vocab()
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in vocab else tokenizer.eos_token_id
+        self.pad_id = next(t for t in (tokenizer.pad_token_id, self.eos, 0, 1) if t is not None and t != image_id)
+        """what a padding token feeds (any token but the image placeholder: the model would put vision there)"""
         self.rows: list[GenRequest] = []
         self._trimmed_at = 0
         self.rss_after_trim_mb: float | None = None  # RSS right after the last heap trim (stats)
@@ -326,7 +334,17 @@ class ContinuousDecoder:
             ends.append(len(ids) - 1)
         if cached:
             self._append(cached)
-        K = len(self.col_owner)
+        K, n_real = len(self.col_owner), len(ids)
+        # pad the step to a multiple of ``query_block`` tokens: the linear layers' and attention's compiled
+        # kernels are cached per token count, and a packed step meets a new count nearly every time. Each
+        # padding token is its own owner (-2, -3, ...), sees only its own column, and its column is cut off
+        # the end of the cache after the forward; no row sees it.
+        pad = -n_real % self.query_block
+        ids += [self.pad_id] * pad
+        pos += [0] * pad
+        owner += range(-2, -2 - pad, -1)
+        seq += [0] * pad
+        pre += [False] * pad
         q_own, q_seq, q_pre = torch.tensor(owner), torch.tensor(seq), torch.tensor(pre)  # [N]
         co, cs = torch.cat([self.col_owner, q_own]), torch.cat([self.col_seq, q_seq])  # [K + N]
         see = ((co[None] == q_own[:, None]) & (cs[None] <= q_seq[:, None])) | ((co[None] == -1) & q_pre[:, None])  # [N, K + N]
@@ -338,7 +356,9 @@ class ContinuousDecoder:
         emb = m.embed(ids_t, None, self._vision(need))  # [1, N, D]
         out = m.llm(inputs_embeds=emb, attention_mask=see[None, None].to(dev), position_ids=torch.tensor([pos], device=dev),
                     past_key_values=cache, use_cache=True, logits_to_keep=torch.tensor(ends, device=dev))
-        self.col_owner, self.col_seq = co, cs
+        if pad:
+            cache.truncate(pad)
+        self.col_owner, self.col_seq = co[:K + n_real], cs[:K + n_real]
         for key, start in stores:
             kv.store(key, self.cache, 0, K + start)
         for r in new:

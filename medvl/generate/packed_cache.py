@@ -108,6 +108,11 @@ class PackedLayer(CacheLayerMixin):
         self.used = m
         self._views()
 
+    def truncate(self, n: int) -> None:
+        """Forget the last ``n`` columns (a step's padding tokens)."""
+        self.used -= n
+        self._views()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return round_up(self.used + query_length, self.block), 0
 
@@ -142,3 +147,7 @@ class PackedKVCache(Cache):
     def keep(self, idx: torch.Tensor) -> None:
         for layer in self.layers:
             layer.keep(idx)
+
+    def truncate(self, n: int) -> None:
+        for layer in self.layers:
+            layer.truncate(n)
