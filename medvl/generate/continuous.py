@@ -37,9 +37,11 @@ seen: the fixed-prefix case of vLLM's automatic prefix caching and SGLang's Radi
 et al. 2024). Models with their own position ids (the modality gap) and requests that do not
 start with the prefix (a client's own system turn) run their whole prompt.
 
-Native Hugging Face VLMs are not served this way: Qwen2-VL keeps per-request rotary deltas
-outside the cache, and LLaVA-style native models would need their own prefill; ``medvl
-serve`` takes composed models.
+The model is reached through a small adapter (:mod:`medvl.generate.decode_models`): composed
+models and native Qwen2-VL-family models decode in the same packed steps. Qwen2-VL's M-RoPE
+positions are per token here (the model's ``get_rope_index`` on each prompt; a generated token's
+three components equal), so nothing per request lives outside the packed cache. Native LLaVA-style
+models are refused with a clear error (their image features are spliced in by their own forward).
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ from typing import Any, Callable
 
 import torch
 
+from medvl.generate.decode_models import decoding_for
 from medvl.generate.packed_cache import PackedKVCache
 from medvl.generate.prompt_cache import PromptKV, TensorLRU
-from medvl.models.precision import as_pixels
 
 
 class QueueFull(Exception):
@@ -137,10 +139,11 @@ class ContinuousDecoder:
     def __init__(self, model, tokenizer, image_fn: Callable, *, max_batch: int = 32, max_queue: int = 64,
                  cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", step_tokens: int = 2048,
                  prefix_ids: list[int] | None = None, span_cache_bytes: int = 256 * 2**20, query_block: int = 8):
-        self.model, self.tok, self.image_fn = model, tokenizer, image_fn
-        image_id = getattr(model.config, "image_token_id", None)
-        usable = (prefix_ids and image_id not in prefix_ids and not getattr(model.config, "position_gap", 0))
-        self.prompt_kv = PromptKV(model, list(prefix_ids) if usable else [], span_cache_bytes)
+        self.model, self.tok = model, tokenizer
+        self.dm = decoding_for(model, image_fn, tower_precision)  # the model's parts the packed steps use
+        image_id = self.dm.image_token_id
+        usable = prefix_ids and image_id not in prefix_ids and self.dm.shares_prefix
+        self.prompt_kv = PromptKV(self.dm, list(prefix_ids) if usable else [], span_cache_bytes)
         self.prefix_ids = self.prompt_kv.prefix_ids
         self.max_batch = max(1, max_batch)
         self.step_tokens = max(1, step_tokens)
@@ -150,7 +153,6 @@ class ContinuousDecoder:
         """a step's token count is padded to a multiple of this (see ``_step``)"""
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.vision_cache = TensorLRU(cache_bytes)
-        self.tower_precision = tower_precision
         vocab = tokenizer.get_vocab()
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in vocab else tokenizer.eos_token_id
         self.pad_id = next(t for t in (tokenizer.pad_token_id, self.eos, 0, 1) if t is not None and t != image_id)
@@ -236,30 +238,24 @@ class ContinuousDecoder:
                 self._reset()
 
     @torch.no_grad()
-    def _vision(self, reqs: list[GenRequest]) -> torch.Tensor | None:
-        """Vision tokens of every image of these requests, in order: [n_img, N, Dv]."""
-        m = self.model
+    def _vision(self, reqs: list[GenRequest]) -> list[torch.Tensor]:
+        """Vision features of every image of these requests, in order: per image [N_i, Dv]."""
         need: dict[str, Any] = {}
         found: dict[str, torch.Tensor] = {}
         for r in reqs:
-            for i, (media, key) in enumerate(zip(r.images, r.image_keys)):
+            for i, (item, key) in enumerate(zip(r.images, r.image_keys)):
                 if key in found or key in need:
                     continue
                 v = r.vision[i] if i < len(r.vision) and r.vision[i] is not None else self.vision_cache.get(key)
                 if v is None:
-                    need[key] = media
+                    need[key] = item
                 else:
                     found[key] = v
         if need:
-            px = as_pixels(torch.stack([self.image_fn(md) for md in need.values()]), m)  # [n_new, C, H, W]
-            with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=self.tower_precision == "bf16"):
-                vt = m.vision(px).to(m.dtype)  # [n_new, N, Dv]
-            for key, v in zip(need, vt):
-                v = v.contiguous()
+            for key, v in zip(need, self.dm.encode(list(need.values()))):
                 found[key] = v
                 self.vision_cache.put(key, v)
-        keys = [k for r in reqs for k in r.image_keys]
-        return torch.stack([found[k] for k in keys]) if keys else None
+        return [found[k] for r in reqs for k in r.image_keys]
 
     def _append(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, range]]) -> None:
         """Put columns into the cache: each part is (per layer (keys, values) [1, H, n, D], the owner,
@@ -272,7 +268,7 @@ class ContinuousDecoder:
 
     def _cache(self) -> PackedKVCache:
         if self.cache is None:
-            self.cache = PackedKVCache(self.model.llm.config.get_text_config().num_hidden_layers)
+            self.cache = PackedKVCache(self.dm.num_layers)
         return self.cache
 
     def _admit(self, r: GenRequest, ids: list, pos: list, owner: list, seq: list, pre: list,
@@ -280,7 +276,7 @@ class ContinuousDecoder:
         """Lay a newcomer's prompt into the packed step: its cached image span goes to ``cached`` (the
         columns to add to the cache), the rest into the step's token lists. Returns (the span key to
         store after the step, whether it needs vision tokens)."""
-        kv, m = self.prompt_kv, self.model
+        kv = self.prompt_kv
         P = len(self.prefix_ids)
         r.slot, self._next_slot = self._next_slot, self._next_slot + 1
         r.uses_prefix = kv.starts_with_prefix(r.ids)
@@ -290,15 +286,14 @@ class ContinuousDecoder:
         if span is not None:  # [layers, 2, H, S, D] -> the row's own first columns
             cached.append(([(x[0][None], x[1][None]) for x in span], r.slot, range(P, P + kv.span_len)))
             skip += kv.span_len
-        full = None if P else m.position_ids(torch.tensor([r.ids]), torch.ones(1, len(r.ids), dtype=torch.long))
-        full = full[0].tolist() if full is not None else list(range(len(r.ids)))  # [T] the prompt's positions
+        full = self.dm.prompt_positions(r.ids, r.images)  # [T] the prompt's positions (ints or (t, h, w))
         run = r.ids[skip:]
         ids += run
         pos += full[skip:]
         owner += [r.slot] * len(run)
         seq += range(skip, len(r.ids))
         pre += [r.uses_prefix] * len(run)
-        r.pos, r.seq = full[-1], len(r.ids)
+        r.pos, r.seq = self.dm.last_position(full[-1]), len(r.ids)
         self.counters["prefix_hits"] += r.uses_prefix
         self.counters["prompt_tokens_run"] += len(run)
         return (key if span is None else None), span is None
@@ -306,7 +301,7 @@ class ContinuousDecoder:
     @torch.no_grad()
     def _step(self, new: list[GenRequest]) -> None:
         """One forward: the running rows' next tokens and the newcomers' prompts, packed."""
-        m, kv = self.model, self.prompt_kv
+        dm, kv = self.dm, self.prompt_kv
         cached = []  # columns to put into the cache before the forward: the prefix, cached image spans
         if self.prefix_ids and self.cache is None:
             cached.append((kv.prefix_kv(), -1, range(len(self.prefix_ids))))
@@ -318,7 +313,7 @@ class ContinuousDecoder:
         ends: list[int] = []  # index of each row's last token in the step: its logits
         for r in self.rows:
             ids.append(r.last)
-            pos.append(r.pos + 1)
+            pos.append(dm.step_position(r.pos + 1))
             owner.append(r.slot)
             seq.append(r.seq)
             pre.append(r.uses_prefix)
@@ -341,7 +336,7 @@ class ContinuousDecoder:
         # the end of the cache after the forward; no row sees it.
         pad = -n_real % self.query_block
         ids += [self.pad_id] * pad
-        pos += [0] * pad
+        pos += [dm.step_position(0)] * pad
         owner += range(-2, -2 - pad, -1)
         seq += [0] * pad
         pre += [False] * pad
@@ -351,11 +346,9 @@ class ContinuousDecoder:
         cache = self._cache()
         L = cache.padded(K + len(ids))  # attention sees the cache rounded up to a block; the rest is masked
         see = torch.nn.functional.pad(see, (0, L - see.shape[1]))  # [N, L]
-        dev = m.device
-        ids_t = torch.tensor([ids], device=dev)  # [1, N]
-        emb = m.embed(ids_t, None, self._vision(need))  # [1, N, D]
-        out = m.llm(inputs_embeds=emb, attention_mask=see[None, None].to(dev), position_ids=torch.tensor([pos], device=dev),
-                    past_key_values=cache, use_cache=True, logits_to_keep=torch.tensor(ends, device=dev))
+        dev = dm.device
+        emb = dm.embed(torch.tensor([ids], device=dev), self._vision(need))  # [1, N, D]
+        logits = dm.forward(emb, see[None, None].to(dev), pos, cache, ends)  # [rows, V]
         if pad:
             cache.truncate(pad)
         self.col_owner, self.col_seq = co[:K + n_real], cs[:K + n_real]
@@ -366,7 +359,7 @@ class ContinuousDecoder:
                 r.gen = torch.Generator(device=dev)
                 r.gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(2**62, (1,))))
         rows, n_old = self.rows + new, len(self.rows)
-        nxt = self._choose(out.logits[0].float(), rows)  # [rows]
+        nxt = self._choose(logits.float(), rows)  # [rows]
         c = self.counters
         c["steps"] += 1
         c["row_steps"] += len(rows)

@@ -79,11 +79,11 @@ class TensorLRU:
 class PromptKV:
     """The template prefix's KV (computed on first use) and the image spans' KV after it."""
 
-    def __init__(self, model, prefix_ids: list[int], max_span_bytes: int):
-        self.model = model
+    def __init__(self, dm, prefix_ids: list[int], max_span_bytes: int):
+        self.dm = dm  # the model's decoding adapter (medvl.generate.decode_models)
         self.prefix_ids = list(prefix_ids)
-        self.image_id = getattr(model.config, "image_token_id", None)
-        self.span_len = int(getattr(model, "tokens_per_image", 0) or 0)
+        self.image_id = dm.image_token_id
+        self.span_len = dm.span_len
         self.spans = TensorLRU(max_span_bytes)
         self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, H, P, D]
 
@@ -102,11 +102,10 @@ class PromptKV:
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._prefix is None:
             from transformers import DynamicCache
-            m = self.model
-            ids = torch.tensor([self.prefix_ids], device=m.device)  # [1, P]
-            out = m.llm(inputs_embeds=m.embed(ids, None), use_cache=True, past_key_values=DynamicCache(),
-                        logits_to_keep=1)
-            self._prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            dm, cache = self.dm, DynamicCache()
+            ids = torch.tensor([self.prefix_ids], device=dm.device)  # [1, P]
+            dm.forward(dm.embed(ids, []), None, dm.prompt_positions(self.prefix_ids, []), cache, [len(self.prefix_ids) - 1])
+            self._prefix = [(layer.keys, layer.values) for layer in cache.layers]
         return self._prefix
 
     def store(self, key: str, cache, row: int, start: int) -> None:

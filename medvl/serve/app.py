@@ -137,13 +137,16 @@ class Server:
                  clip_name: str | None = None):
         self.cfg = cfg
         self.store = UploadStore(cfg.max_image_bytes, cfg.max_image_pixels)
-        self.pipe = self.clip = self.decoder = self.clip_batcher = None
+        self.pipe = self.clip = self.decoder = self.clip_batcher = self.native = None
         if vlm:
             from medvl.generate.continuous import ContinuousDecoder
-            from medvl.generate.pipeline import VLMPipeline, resolve_model_path
-            self.pipe = VLMPipeline(resolve_model_path(vlm), precision=cfg.precision)
+            from medvl.generate.pipeline import NativePipeline, load
+            self.pipe = load(vlm, precision=cfg.precision)
+            self.native = self.pipe.native if isinstance(self.pipe, NativePipeline) else None
+            """a native Hugging Face VLM (Qwen2-VL family): its processor builds each prompt, with the image"""
             self.vlm_name = vlm_name or Path(str(vlm)).name
-            self.decoder = ContinuousDecoder(self.pipe.model, self.pipe.tokenizer, self.pipe.image_fn,
+            model = self.native.model if self.native else self.pipe.model
+            self.decoder = ContinuousDecoder(model, self.pipe.tokenizer, getattr(self.pipe, "image_fn", None),
                                              max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                              cache_bytes=int(cfg.image_cache_mb * 2**20),
                                              tower_precision=cfg.tower_precision,
@@ -218,33 +221,58 @@ class Server:
         # accepted and encoded before) is not decoded again: the request carries the tokens
         settings["vision"] = [self.decoder.vision_cache.get(k, count_miss=False) for k in keys]
         media = [Media(None) for _ in images]
+        # a native model's processor needs the image to lay out the prompt (its token count follows the
+        # image's size), so its uploads are always decoded; the cached features still spare the tower
         settings["uploads"] = [(k, p.image_url.url) for k, (p, v) in enumerate(zip(images, settings["vision"]))
-                               if v is None]
+                               if v is None or self.native]
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
 
-    def decode_uploads(self, media: list, uploads: list[tuple[int, str]]) -> None:
-        """Decode the listed uploads into ``media`` (in place: the Sample holds the same list)."""
+    def decode_uploads(self, media: list, uploads: list[tuple[int, str]], sample=None, settings=None) -> None:
+        """Decode the listed uploads into ``media`` (in place: the Sample holds the same list); for a
+        native model also lay out its prompt here (``settings["prompt"]``: the processor resizes and
+        patches the image, work that stays off the event loop too)."""
         for k, url in uploads:
             media[k] = self.store.decode(url)[0]
+        if self.native is not None and sample is not None:
+            settings["prompt"] = self.prompt(sample)
+
+    def prompt(self, sample) -> tuple[list[int], list]:
+        """A chat's prompt ids and what the decoder needs per image: the decoded pixels' Media for a
+        composed model (its image function runs on a cache miss), the processor's patches and grid
+        for a native one."""
+        from medvl.data.schema import Media
+        if self.native is None:
+            return (self.pipe.collator.prompt_ids(sample),
+                    [Media(None, modality=m.modality, array=m.array) for m in sample.images])
+        nat = self.native
+        images = nat._images(sample) or None
+        enc = nat.processor(text=[nat._text(sample, False)], images=images, return_tensors="pt")
+        items = [{"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}] if images else []
+        return enc["input_ids"][0].tolist(), items
+
+    def _text_ids(self, sample) -> list[int]:
+        """The prompt ids of a sample without its pixels (one placeholder token per image)."""
+        if self.native is None:
+            return self.pipe.collator.prompt_ids(sample)
+        return self.native.tok(self.native._text(sample, False))["input_ids"]  # as the processor tokenizes
 
     def template_prefix(self) -> list[int]:
         """The tokens every default chat prompt starts with (the template's system turn and the
         user turn's opening): the longest common prefix of two prompts that differ only in their
         question, cut before the first image token. The decoder caches their KV."""
         from medvl.data.schema import Sample, Turn
-        a, b = (self.pipe.collator.prompt_ids(Sample(q, [], [Turn("user", "<image>\n" + q)])) for q in ("Is it", "What"))
+        a, b = (self._text_ids(Sample(q, [], [Turn("user", "<image>\n" + q)])) for q in ("Is it", "What"))
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        img = self.pipe.model.config.image_token_id
+        img = (self.native.model if self.native else self.pipe.model).config.image_token_id
         return a[:a.index(img)] if img in a[:n] else a[:n]
 
     def gen_request(self, sample, media, settings, on_text=None):
         """The decoder's request for a parsed chat: prompt ids, the images (the decoded pixels stay
         referenced by the request, so the upload can be released at once) and the settings."""
-        from medvl.data.schema import Media
         from medvl.generate.continuous import GenRequest
-        return GenRequest(self.pipe.collator.prompt_ids(sample),
-                          [Media(None, modality=m.modality, array=m.array) for m in media], settings["image_keys"],
+        ids, items = settings.get("prompt") or self.prompt(sample)
+        return GenRequest(ids, items, settings["image_keys"],
                           vision=settings.get("vision", []),
                           max_new_tokens=settings["max_new_tokens"], temperature=settings.get("temperature", 0.0),
                           top_p=settings.get("top_p", 1.0), stop=settings["stop"], seed=settings["seed"],
@@ -367,7 +395,7 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
     async def chat(req: ChatRequest):
         sample, media, settings = server.parse_chat(req)
         if settings["uploads"]:  # an image not seen before: decoded in a worker thread, not on the event loop
-            await asyncio.to_thread(server.decode_uploads, media, settings["uploads"])
+            await asyncio.to_thread(server.decode_uploads, media, settings["uploads"], sample, settings)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         busy = error(503, "server busy: the request queue is full, retry shortly", "overloaded", {"Retry-After": "1"})
         if req.stream:

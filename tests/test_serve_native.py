@@ -1,0 +1,113 @@
+"""A native Qwen2-VL served by the continuous decoder (medvl/generate/decode_models.py): its M-RoPE
+positions per request, images of different sizes (different image-token counts) packed in one
+step, answers equal to the model's own ``generate``."""
+
+import base64
+
+import pytest
+import torch
+
+from medvl.data.bundled import load_bundled
+
+pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from transformers import Qwen2VLImageProcessor
+
+    from tests.test_native_vlm import tiny_qwen2vl
+    vlm = tiny_qwen2vl()
+    # images keep their aspect ratio between 56x56 and 112x112 pixels: 4 to 16 image tokens each
+    vlm.processor.image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    vlm.model.generation_config.eos_token_id = vlm.tok.eos_token_id  # stop where the server stops
+    return vlm.save(tmp_path_factory.mktemp("qwen") / "tiny-qwen2vl")
+
+
+def samples(n):
+    from medvl.data.schema import Sample, Turn
+    out = []
+    for s in load_bundled("vqa-rad", "test")[:n]:
+        q = s.conversation[0].text.replace("<image>\n", "")
+        out.append(Sample(s.id, s.images, [Turn("user", "<image>\n" + q)]))
+    return out
+
+
+@pytest.mark.parametrize("gap", [0, 3], ids=["m-rope", "modality-gap"])
+def test_native_qwen2vl_answers_under_continuous_batching_equal_its_own_generate(qwen_dir, gap, tmp_path):
+    """Also with ClinKD's modality-gap positions set on the model (saved in its config)."""
+    from medvl.generate.continuous import GenRequest, content_key
+    from medvl.models.native import NativeVLM
+    from medvl.serve.app import ServeConfig, Server
+    if gap:
+        nat = NativeVLM.from_pretrained(qwen_dir)
+        nat.set_position_gap(gap)
+        qwen_dir = nat.save(tmp_path / "gap")
+    server = Server(str(qwen_dir), None, ServeConfig(precision="fp32"))
+    try:
+        nat, dec = server.native, server.decoder
+        assert nat is not None and type(dec.dm).__name__ == "Qwen2VLDecoding"
+        assert nat.model.config.medvl_position_gap == gap if gap else True
+        todo = samples(12)
+        ref = nat.generate(todo, batch_size=1, max_new_tokens=6)
+        reqs = []
+        for s in todo:
+            ids, items = server.prompt(s)
+            reqs.append(GenRequest(ids, items, [content_key(open(s.images[0].path, "rb").read())], max_new_tokens=6))
+        counts = {int(it["image_grid_thw"].prod()) // 4 for r in reqs for it in r.images}
+        assert len(counts) > 1  # images of different sizes: different image-token counts in one step
+        assert dec.prefix_ids and all(r.ids[:len(dec.prefix_ids)] == dec.prefix_ids for r in reqs)
+        got = [f.result(timeout=120) for f in [dec.submit(r) for r in reqs]]  # all at once: packed steps
+        assert got == ref
+        assert dec.counters["row_steps"] > dec.counters["steps"] and dec.counters["prefix_hits"] == len(reqs)
+        alone = [dec.submit(GenRequest(r.ids, r.images, r.image_keys, max_new_tokens=6)).result(timeout=120)
+                 for r in reqs[:3]]
+        assert alone == ref[:3]
+        assert dec.stats()["vision_cache"]["hits"] >= 3  # the second pass found the images' features
+    finally:
+        server.close()
+
+
+def test_medvl_serve_answers_chat_with_a_native_qwen2vl(qwen_dir):
+    from fastapi.testclient import TestClient
+
+    from medvl.models.native import NativeVLM
+    from medvl.serve.app import ServeConfig, create_app
+    s = samples(2)
+    ref = NativeVLM.from_pretrained(qwen_dir).generate(s, batch_size=1, max_new_tokens=5)
+    with TestClient(create_app(str(qwen_dir), None, ServeConfig(precision="fp32"))) as c:
+        for sample, want in zip(s, ref):
+            uri = "data:image/png;base64," + base64.b64encode(open(sample.images[0].path, "rb").read()).decode()
+            q = sample.conversation[0].text.replace("<image>\n", "")
+            body = {"model": "tiny-qwen2vl", "max_tokens": 5, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": q}]}]}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want
+        assert c.get("/ready").json()["chat"]["admitted"] == 2
+
+
+def test_a_native_model_the_decoder_cannot_serve_is_a_clear_error(tmp_path):
+    from medvl.errors import MedvlUserError
+    from medvl.serve.app import ServeConfig, Server
+    from tests.test_native_vlm import tiny_llava
+    tiny_llava().save(tmp_path / "llava")
+    with pytest.raises(MedvlUserError, match="Qwen2-VL"):
+        Server(str(tmp_path / "llava"), None, ServeConfig(precision="fp32"))
+
+
+def test_qwen2vl_positions_follow_the_models_rope_index(qwen_dir):
+    """The decoder's per-token positions for a prompt equal the model's own get_rope_index, and a
+    generated token continues at the largest position plus one (the model's rope delta)."""
+    from medvl.generate.decode_models import Qwen2VLDecoding
+    from medvl.models.native import NativeVLM
+    nat = NativeVLM.from_pretrained(qwen_dir)
+    dm = Qwen2VLDecoding(nat.model)
+    s = samples(1)[0]
+    enc = nat.processor(text=[nat._text(s, False)], images=nat._images(s), return_tensors="pt")
+    items = [{"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}]
+    pos = dm.prompt_positions(enc["input_ids"][0].tolist(), items)
+    want, delta = nat.model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], enc["image_grid_thw"])
+    assert torch.equal(torch.tensor(pos).T, want[:, 0])
+    T = enc["input_ids"].shape[1]
+    assert dm.step_position(dm.last_position(pos[-1]) + 1) == (T + int(delta),) * 3
