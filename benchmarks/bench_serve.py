@@ -7,6 +7,7 @@ server build, same run — closed-loop clients, open-loop Poisson arrivals, zero
     python benchmarks/bench_serve.py --rounds 5 ...   # only the 16-client ratios, interleaved
     python benchmarks/bench_serve.py --memory-only ...  # only the server's RSS over 10,000 requests
     python benchmarks/bench_serve.py --zero-shot-ceiling ...  # in process: what batching can give zero-shot
+    python benchmarks/bench_serve.py --ab /tmp/medvl-old . ...  # builds side by side, chat phases alternating
 
 Each server runs in its own process (``medvl serve --model MODEL --clip CLIP``; by default the
 first shipped VLM and CLIP, which the earlier builds can serve too — ``--model
@@ -238,6 +239,37 @@ def server_args(args) -> list[str]:
     return [] if args.span_cache_mb is None else ["--span-cache-mb", str(args.span_cache_mb)]
 
 
+def ab(args, chat) -> dict:
+    """Builds side by side: one server per ``--ab`` checkout ("." = this one) up at once, their
+    16-client chat phases of ``--ab-requests`` alternating for ``--ab-phases`` phases; answers/s,
+    p99, errors, RSS and the after-trim floor per phase. Alternating phases put the machine's
+    drifts on every build alike."""
+    import httpx
+    servers = {}
+    try:
+        for src in args.ab:
+            path = None if src == "." else Path(src)
+            servers[src] = start(32, args.model, args.clip, path, args.pin, args.precision, server_args(args))
+        for _, url in servers.values():
+            closed_loop(url, "/v1/chat/completions", chat, 4, 32)  # warm-up
+        phases = []
+        for k in range(args.ab_phases):
+            row = {}
+            for src, (proc, url) in servers.items():
+                r = closed_loop(url, "/v1/chat/completions", chat, 16, args.ab_requests)
+                floor = httpx.get(url + "/ready", timeout=5).json().get("chat", {}).get("rss_after_trim_mb")
+                row[src] = {"answers_per_s": r["answers_per_s"], "p99_ms": r["p99_ms"], "errors": r["errors"],
+                            "rss_mb": rss_mb(proc.pid), "rss_after_trim_mb": floor}
+            phases.append(row)
+            print(f"phase {k}: " + "; ".join(f"{src}: {x['answers_per_s']:.1f}/s p99 {x['p99_ms']:.0f} ms err "
+                                            f"{x['errors']} rss {x['rss_mb']:.0f} MB" for src, x in row.items()), flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    return {"ab": {"builds": args.ab, "requests_per_phase": args.ab_requests, "phases": phases}}
+
+
 def memory_only(args, chat: list[dict]) -> dict:
     """The continuous server's VmRSS every 500 requests over ``--memory-requests`` chat requests at 16
     clients, after the usual warm-up."""
@@ -412,6 +444,10 @@ def main() -> int:
     ap.add_argument("--memory-only", action="store_true", help="only the continuous server's RSS over --memory-requests")
     ap.add_argument("--zero-shot-ceiling", action="store_true",
                     help="only the in-process costs of a zero-shot request, alone and in a batch of 16 (no server)")
+    ap.add_argument("--ab", nargs="+", metavar="SRC",
+                    help="only alternating 16-client chat phases between builds: checkouts ('.' = this one)")
+    ap.add_argument("--ab-phases", type=int, default=4)
+    ap.add_argument("--ab-requests", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=0,
                     help="only the 16-client ratios: both servers up, phases alternating for N rounds (median, range)")
     args = ap.parse_args()
@@ -423,9 +459,9 @@ def main() -> int:
             raise SystemExit("--pin needs taskset and 2 CPUs")
         os.sched_setaffinity(0, {0})
     chat, zs = chat_bodies(args.model), zero_shot_bodies()
-    if args.rounds or args.memory_only or args.zero_shot_ceiling:
-        part = memory_only(args, chat) if args.memory_only else zero_shot_ceiling(args, zs) \
-            if args.zero_shot_ceiling else interleaved(args, chat, zs)
+    if args.rounds or args.memory_only or args.zero_shot_ceiling or args.ab:
+        part = ab(args, chat) if args.ab else memory_only(args, chat) if args.memory_only else \
+            zero_shot_ceiling(args, zs) if args.zero_shot_ceiling else interleaved(args, chat, zs)
         res = {"model": args.model, "clip": args.clip, "precision": args.precision, "pinned": args.pin,
                "span_cache_mb": args.span_cache_mb, **part}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

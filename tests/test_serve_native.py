@@ -50,6 +50,7 @@ def test_native_qwen2vl_answers_under_continuous_batching_equal_its_own_generate
         assert nat.model.config.medvl_position_gap == gap if gap else True
         todo = samples(12)
         ref = nat.generate(todo, batch_size=1, max_new_tokens=6)
+        assert len(set(ref)) > 3 and all(ref)  # answers that tell the images and questions apart
         reqs = []
         for s in todo:
             ids, items = server.prompt(s)
@@ -87,13 +88,41 @@ def test_medvl_serve_answers_chat_with_a_native_qwen2vl(qwen_dir):
         assert c.get("/ready").json()["chat"]["admitted"] == 2
 
 
-def test_a_native_model_the_decoder_cannot_serve_is_a_clear_error(tmp_path):
-    from medvl.errors import MedvlUserError
+def test_native_llava_answers_under_continuous_batching_equal_its_own_generate(tmp_path):
+    from medvl.generate.continuous import GenRequest, content_key
     from medvl.serve.app import ServeConfig, Server
     from tests.test_native_vlm import tiny_llava
-    tiny_llava().save(tmp_path / "llava")
+    vlm = tiny_llava()
+    torch.manual_seed(1)
+    with torch.no_grad():  # the tiny model as built answers only special tokens ('' for every question)
+        for p in vlm.model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    vlm.model.generation_config.eos_token_id = vlm.tok.eos_token_id
+    server = Server(str(vlm.save(tmp_path / "llava")), None, ServeConfig(precision="fp32"))
+    try:
+        dec = server.decoder
+        assert type(dec.dm).__name__ == "NativeDecoding" and dec.prefix_ids
+        todo = samples(8)
+        ref = server.native.generate(todo, batch_size=1, max_new_tokens=6)
+        reqs = []
+        for s in todo:
+            ids, items = server.prompt(s)
+            reqs.append(GenRequest(ids, items, [content_key(open(s.images[0].path, "rb").read())], max_new_tokens=6))
+        assert len(set(ref)) > 4 and all(ref)  # answers that tell the images and questions apart
+        assert [f.result(timeout=120) for f in [dec.submit(r) for r in reqs]] == ref
+        assert dec.counters["row_steps"] > dec.counters["steps"]
+    finally:
+        server.close()
+
+
+def test_a_model_the_decoder_cannot_serve_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from medvl.errors import MedvlUserError
+    from medvl.generate.decode_models import decoding_for
     with pytest.raises(MedvlUserError, match="Qwen2-VL"):
-        Server(str(tmp_path / "llava"), None, ServeConfig(precision="fp32"))
+        decoding_for(SimpleNamespace(config=SimpleNamespace(model_type="blip-2")))
 
 
 def test_qwen2vl_positions_follow_the_models_rope_index(qwen_dir):

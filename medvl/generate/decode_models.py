@@ -1,6 +1,6 @@
-"""What the continuous decoder needs from a VLM, for the two kinds medvl serves: composed models
-(:class:`medvl.models.vlm.MedVLM`) and native Qwen2-VL-family models
-(:class:`medvl.models.native.NativeVLM`).
+"""What the continuous decoder needs from a VLM, for the kinds medvl serves: composed models
+(:class:`medvl.models.vlm.MedVLM`) and native Hugging Face models (:class:`medvl.models.native.NativeVLM`):
+Qwen2-VL family and LLaVA-style.
 
 The decoder (:mod:`medvl.generate.continuous`) packs many requests into one sequence and keeps one
 packed KV cache, so it never calls a model's own ``forward`` or ``generate``: it needs the parts —
@@ -23,8 +23,10 @@ positions are computed per prompt with the model's own ``get_rope_index`` (so a 
 gap set on the model applies), and a generated token's three position components are equal — the
 previous token's largest plus one, which is what the model's ``rope_deltas`` encode for a single
 request. Nothing per request lives outside the packed cache. Its image-token count depends on
-the image's size, so its vision features are kept per image with their own length and the
-image-span reuse is off; the template prefix's KV is still shared.
+the image's size, so its vision features are kept per image with their own length. Native
+LLaVA-style models use their own ``get_image_features`` (tower, feature layer, projector) and 1D
+positions. For native models the template prefix's KV is shared; the image-span reuse is kept to
+composed models (a first cut: LLaVA's spans would qualify, Qwen2-VL's differ in length).
 """
 
 from __future__ import annotations
@@ -79,24 +81,23 @@ class ComposedDecoding:
         return out.logits[0]  # [len(ends), V]
 
 
-class Qwen2VLDecoding:
-    """A native Qwen2-VL / Qwen2.5-VL model: images as the processor's patches and grid (``items``
-    are ``{"pixel_values": [P, C*T*p*p], "image_grid_thw": [1, 3]}``), 3D rotary positions."""
+class NativeDecoding:
+    """A native Hugging Face LLaVA-style model (``LlavaForConditionalGeneration`` and kin): the
+    processor's pixels per image (``items`` are ``{"pixel_values": [1, C, H, W]}``), the model's
+    own ``get_image_features`` (tower, feature layer, projector), 1D positions."""
 
     def __init__(self, model):
         self.model, self.inner = model, model.model
         cfg = model.config
         self.image_token_id = cfg.image_token_id
-        self.span_len = 0
-        self.shares_prefix = True  # the text before the first image has plain positions (gap or not)
+        self.span_len = 0  # the image-span reuse is kept to composed models (first cut)
+        self.shares_prefix = True  # the text before the first image has plain positions
         self.num_layers = cfg.get_text_config().num_hidden_layers
         self.device = model.device
 
     def encode(self, items: list) -> list[torch.Tensor]:
-        visual = self.inner.visual
-        px = torch.cat([x["pixel_values"] for x in items]).to(self.device, visual.dtype)  # [P, C*T*p*p]
-        grid = torch.cat([x["image_grid_thw"] for x in items]).to(self.device)  # [n, 3]
-        out = self.inner.get_image_features(px, grid, return_dict=True).pooler_output  # n x [N_i, D]
+        px = torch.cat([x["pixel_values"] for x in items]).to(self.device, self.model.dtype)  # [n, C, H, W]
+        out = self.inner.get_image_features(pixel_values=px, return_dict=True).pooler_output  # n x [N, D]
         return [v.to(self.model.dtype).contiguous() for v in out]
 
     def embed(self, ids: torch.Tensor, vision: list[torch.Tensor]) -> torch.Tensor:
@@ -107,6 +108,37 @@ class Qwen2VLDecoding:
             raise MedvlUserError(f"{int(mask.sum())} image-token positions but {feats.shape[0]} image features: the "
                                  "prompt's image placeholders do not match its images")
         return text.masked_scatter(mask.unsqueeze(-1), feats.to(text.dtype)) if vision else text
+
+    def prompt_positions(self, ids: list[int], items: list) -> list:
+        return list(range(len(ids)))
+
+    @staticmethod
+    def step_position(p: int):
+        return p
+
+    @staticmethod
+    def last_position(p) -> int:
+        return p
+
+    def _positions(self, positions: list) -> torch.Tensor:
+        return torch.tensor([positions], device=self.device)  # [1, N]
+
+    def forward(self, embeds, mask, positions: list, cache, ends: list[int]) -> torch.Tensor:
+        h = self.inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(positions),
+                                      past_key_values=cache, use_cache=True).last_hidden_state  # [1, N, D]
+        return self.model.lm_head(h[0, ends])  # [len(ends), V]
+
+
+class Qwen2VLDecoding(NativeDecoding):
+    """A native Qwen2-VL / Qwen2.5-VL model: images as the processor's patches and grid (``items``
+    are ``{"pixel_values": [P, C*T*p*p], "image_grid_thw": [1, 3]}``), 3D rotary positions."""
+
+    def encode(self, items: list) -> list[torch.Tensor]:
+        visual = self.inner.visual
+        px = torch.cat([x["pixel_values"] for x in items]).to(self.device, visual.dtype)  # [P, C*T*p*p]
+        grid = torch.cat([x["image_grid_thw"] for x in items]).to(self.device)  # [n, 3]
+        out = self.inner.get_image_features(px, grid, return_dict=True).pooler_output  # n x [N_i, D]
+        return [v.to(self.model.dtype).contiguous() for v in out]
 
     def prompt_positions(self, ids: list[int], items: list) -> list[tuple[int, int, int]]:
         t = torch.tensor([ids])  # [1, T]
@@ -124,20 +156,21 @@ class Qwen2VLDecoding:
     def last_position(p) -> int:
         return max(p)
 
-    def forward(self, embeds, mask, positions: list, cache, ends: list[int]) -> torch.Tensor:
-        pos = torch.tensor(positions, device=self.device).T[:, None]  # [3, 1, N]
-        h = self.inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                                      past_key_values=cache, use_cache=True).last_hidden_state  # [1, N, D]
-        return self.model.lm_head(h[0, ends])  # [len(ends), V]
+    def _positions(self, positions: list) -> torch.Tensor:
+        return torch.tensor(positions, device=self.device).T[:, None]  # [3, 1, N]
 
 
 def decoding_for(model, image_fn: Callable | None = None, tower_precision: str = "fp32") -> Any:
-    """The adapter for a composed MedVLM or a native Hugging Face model (Qwen2-VL family)."""
+    """The adapter for a composed MedVLM or a native Hugging Face VLM (Qwen2-VL family, LLaVA-style)."""
     mtype = getattr(model.config, "model_type", "")
     if mtype == "medvl_vlm" or hasattr(model, "connector"):
         return ComposedDecoding(model, image_fn, tower_precision)
-    if hasattr(getattr(model, "model", None), "get_rope_index") and hasattr(model.model, "visual"):
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "get_rope_index") and hasattr(inner, "visual"):
         return Qwen2VLDecoding(model)
-    raise MedvlUserError(f"the continuous decoder serves composed medvl models and native Qwen2-VL-family models, not "
-                         f"{mtype or type(model).__name__!r}: LLaVA-style native models need their own prefill "
-                         "(serve them with `medvl predict`, or compose the model)")
+    if hasattr(inner, "get_image_features") and hasattr(inner, "language_model") and hasattr(model, "lm_head") \
+            and getattr(model.config, "image_token_id", None) is not None:
+        return NativeDecoding(model)
+    raise MedvlUserError(f"the continuous decoder serves composed medvl models and native Qwen2-VL-family and "
+                         f"LLaVA-style models, not {mtype or type(model).__name__!r}; `medvl predict` and "
+                         "`medvl chat` run it through its own generate")

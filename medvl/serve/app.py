@@ -239,8 +239,8 @@ class Server:
 
     def prompt(self, sample) -> tuple[list[int], list]:
         """A chat's prompt ids and what the decoder needs per image: the decoded pixels' Media for a
-        composed model (its image function runs on a cache miss), the processor's patches and grid
-        for a native one."""
+        composed model (its image function runs on a cache miss), the processor's pixels (Qwen2-VL:
+        patches and grid) for a native one."""
         from medvl.data.schema import Media
         if self.native is None:
             return (self.pipe.collator.prompt_ids(sample),
@@ -248,7 +248,7 @@ class Server:
         nat = self.native
         images = nat._images(sample) or None
         enc = nat.processor(text=[nat._text(sample, False)], images=images, return_tensors="pt")
-        items = [{"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}] if images else []
+        items = [{k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}] if images else []  # one image
         return enc["input_ids"][0].tolist(), items
 
     def _text_ids(self, sample) -> list[int]:
