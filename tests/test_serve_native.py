@@ -86,6 +86,16 @@ def test_medvl_serve_answers_chat_with_a_native_qwen2vl(qwen_dir):
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == want
         assert c.get("/ready").json()["chat"]["admitted"] == 2
+        import io
+
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.new("L", (600, 2)).save(buf, format="PNG")  # an aspect ratio Qwen2-VL's processor refuses
+        body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64," + base64.b64encode(
+            buf.getvalue()).decode()
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "processor cannot take this image" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200
 
 
 def test_native_llava_answers_under_continuous_batching_equal_its_own_generate(tmp_path):

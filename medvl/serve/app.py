@@ -143,7 +143,7 @@ class Server:
             from medvl.generate.pipeline import NativePipeline, load
             self.pipe = load(vlm, precision=cfg.precision)
             self.native = self.pipe.native if isinstance(self.pipe, NativePipeline) else None
-            """a native Hugging Face VLM (Qwen2-VL family): its processor builds each prompt, with the image"""
+            """a native Hugging Face VLM (Qwen2-VL family, LLaVA-style): its processor builds each prompt"""
             self.vlm_name = vlm_name or Path(str(vlm)).name
             model = self.native.model if self.native else self.pipe.model
             self.decoder = ContinuousDecoder(model, self.pipe.tokenizer, getattr(self.pipe, "image_fn", None),
@@ -247,7 +247,10 @@ class Server:
                     [Media(None, modality=m.modality, array=m.array) for m in sample.images])
         nat = self.native
         images = nat._images(sample) or None
-        enc = nat.processor(text=[nat._text(sample, False)], images=images, return_tensors="pt")
+        try:
+            enc = nat.processor(text=[nat._text(sample, False)], images=images, return_tensors="pt")
+        except ValueError as e:  # e.g. Qwen2-VL refuses an aspect ratio over 200
+            raise RequestError(400, f"the model's processor cannot take this image: {e}") from None
         items = [{k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}] if images else []  # one image
         return enc["input_ids"][0].tolist(), items
 
