@@ -92,8 +92,9 @@ def _rss_mb() -> float | None:
 
 @dataclass
 class GenRequest:
-    """One prompt to decode. ``images``: Media whose pixels the decoder computes on a cache
-    miss; ``image_keys``: their content hashes (the vision-token cache's keys)."""
+    """One prompt to decode. ``images``: per image, what the model's adapter encodes on a cache
+    miss (a composed model: the Media; a native one: its processor's pixels —
+    :mod:`medvl.generate.decode_models`); ``image_keys``: their content hashes (the vision cache's keys)."""
     ids: list[int]
     images: list = field(default_factory=list)
     image_keys: list[str] = field(default_factory=list)
