@@ -37,7 +37,7 @@ def run_one(model: str, precision: str, max_batch: int, n: int) -> dict:
     from medvl.data.bundled import load_bundled
     from medvl.data.schema import Sample, Turn
     from medvl.generate.continuous import content_key
-    from medvl.serve.app import ServeConfig, Server
+    from medvl.serve.server import ServeConfig, Server
     from medvl.serve.uploads import UploadStore
 
     server = Server(model, None, ServeConfig(max_batch=max_batch, max_queue=4096, precision=precision))

@@ -16,7 +16,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 from medvl.data.bundled import load_bundled
-from medvl.serve.app import ServeConfig, create_app
+from medvl.serve.app import create_app
+from medvl.serve.server import ServeConfig
 
 VLM, CLIP = "medvl-vqarad-small", "medclip-r10t-minilm"
 
@@ -315,7 +316,7 @@ def test_prompt_kv_reuse_and_packed_steps_leave_answers_unchanged():
     own system turn runs its whole prompt."""
     from medvl.data.schema import Sample, Turn
     from medvl.generate.continuous import ContinuousDecoder, GenRequest, content_key
-    from medvl.serve.app import Server
+    from medvl.serve.server import Server
 
     server = Server(VLM, None, ServeConfig(precision="fp32"))
     pipe = server.pipe

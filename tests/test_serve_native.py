@@ -38,7 +38,7 @@ def test_native_qwen2vl_answers_under_continuous_batching_equal_its_own_generate
     """Also with ClinKD's modality-gap positions set on the model (saved in its config)."""
     from medvl.generate.continuous import GenRequest, content_key
     from medvl.models.native import NativeVLM
-    from medvl.serve.app import ServeConfig, Server
+    from medvl.serve.server import ServeConfig, Server
     if gap:
         nat = NativeVLM.from_pretrained(qwen_dir)
         nat.set_position_gap(gap)
@@ -73,7 +73,8 @@ def test_medvl_serve_answers_chat_with_a_native_qwen2vl(qwen_dir):
     from fastapi.testclient import TestClient
 
     from medvl.models.native import NativeVLM
-    from medvl.serve.app import ServeConfig, create_app
+    from medvl.serve.app import create_app
+    from medvl.serve.server import ServeConfig
     s = samples(2)
     ref = NativeVLM.from_pretrained(qwen_dir).generate(s, batch_size=1, max_new_tokens=5)
     with TestClient(create_app(str(qwen_dir), None, ServeConfig(precision="fp32"))) as c:
@@ -126,7 +127,7 @@ def tiny_qwen25vl():
 
 def test_native_qwen25vl_answers_under_continuous_batching_equal_its_own_generate(tmp_path):
     from medvl.generate.continuous import GenRequest, content_key
-    from medvl.serve.app import ServeConfig, Server
+    from medvl.serve.server import ServeConfig, Server
     server = Server(str(tiny_qwen25vl().save(tmp_path / "q25")), None, ServeConfig(precision="fp32"))
     try:
         assert type(server.decoder.dm).__name__ == "Qwen2VLDecoding"
@@ -144,7 +145,7 @@ def test_native_qwen25vl_answers_under_continuous_batching_equal_its_own_generat
 
 def test_native_llava_answers_under_continuous_batching_equal_its_own_generate(tmp_path):
     from medvl.generate.continuous import GenRequest, content_key
-    from medvl.serve.app import ServeConfig, Server
+    from medvl.serve.server import ServeConfig, Server
     from tests.test_native_vlm import tiny_llava
     vlm = tiny_llava()
     torch.manual_seed(1)

@@ -116,7 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise MedvlUserError("serving needs FastAPI and uvicorn: pip install 'medvl[serve]'") from None
-    from medvl.serve.app import ServeConfig, create_app
+    from medvl.serve.app import create_app
+    from medvl.serve.server import ServeConfig
     key = args.api_key or os.environ.get("MEDVL_API_KEY")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(f"warning: listening on {args.host} without an API key; anyone who can reach it can use the models")
