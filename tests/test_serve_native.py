@@ -176,8 +176,8 @@ def test_a_model_the_decoder_cannot_serve_is_a_clear_error():
 
     from medvl.errors import MedvlUserError
     from medvl.generate.decode_models import decoding_for
-    with pytest.raises(MedvlUserError, match="Qwen2-VL"):
-        decoding_for(SimpleNamespace(config=SimpleNamespace(model_type="blip-2")))
+    with pytest.raises(MedvlUserError, match="qwen2_vl.*medvl predict"):
+        decoding_for(SimpleNamespace(config=SimpleNamespace(model_type="llava_next")))
 
 
 def test_qwen2vl_positions_follow_the_models_rope_index(qwen_dir):

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from medvl.errors import MedvlUserError
+from medvl.registry import Registry
 
 
 class ComposedDecoding:
@@ -160,17 +161,21 @@ class Qwen2VLDecoding(NativeDecoding):
         return torch.tensor(positions, device=self.device).T[:, None]  # [3, 1, N]
 
 
+DECODINGS: Registry[Callable] = Registry("model type the continuous decoder serves")
+"""``config.model_type`` -> the adapter's constructor (model, image_fn, tower_precision); exact names
+only: LLaVA-NeXT or Idefics lay out their image features differently and are not guessed at."""
+DECODINGS.register("medvl_vlm", lambda m, fn, tp: ComposedDecoding(m, fn, tp))
+for _name in ("qwen2_vl", "qwen2_5_vl"):
+    DECODINGS.register(_name, lambda m, fn, tp: Qwen2VLDecoding(m))
+DECODINGS.register("llava", lambda m, fn, tp: NativeDecoding(m))
+
+
 def decoding_for(model, image_fn: Callable | None = None, tower_precision: str = "fp32") -> Any:
-    """The adapter for a composed MedVLM or a native Hugging Face VLM (Qwen2-VL family, LLaVA-style)."""
-    mtype = getattr(model.config, "model_type", "")
-    if mtype == "medvl_vlm" or hasattr(model, "connector"):
-        return ComposedDecoding(model, image_fn, tower_precision)
-    inner = getattr(model, "model", None)
-    if hasattr(inner, "get_rope_index") and hasattr(inner, "visual"):
-        return Qwen2VLDecoding(model)
-    if hasattr(inner, "get_image_features") and hasattr(inner, "language_model") and hasattr(model, "lm_head") \
-            and getattr(model.config, "image_token_id", None) is not None:
-        return NativeDecoding(model)
-    raise MedvlUserError(f"the continuous decoder serves composed medvl models and native Qwen2-VL-family and "
-                         f"LLaVA-style models, not {mtype or type(model).__name__!r}; `medvl predict` and "
-                         "`medvl chat` run it through its own generate")
+    """The adapter for a composed MedVLM or a native Hugging Face VLM, by ``config.model_type``."""
+    mtype = getattr(model.config, "model_type", "") or type(model).__name__
+    try:
+        make = DECODINGS.get(mtype)
+    except MedvlUserError as e:
+        raise MedvlUserError(f"{e}. `medvl predict` and `medvl chat` run other models through their own "
+                             "generate") from None
+    return make(model, image_fn, tower_precision)
