@@ -57,7 +57,7 @@ class ComposedDecoding:
         px = as_pixels(torch.stack([self.image_fn(x) for x in items]), m)  # [n, C, H, W]
         with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=self.tower_precision == "bf16"):
             vt = m.vision(px).to(m.dtype)  # [n, N, Dv]
-        return [v.contiguous() for v in vt]
+        return [v.clone() for v in vt]  # own storage: a cached image does not keep its whole batch alive
 
     def embed(self, ids: torch.Tensor, vision: list[torch.Tensor]) -> torch.Tensor:
         return self.model.embed(ids, None, torch.stack(vision) if vision else None)
@@ -99,7 +99,7 @@ class NativeDecoding:
     def encode(self, items: list) -> list[torch.Tensor]:
         px = torch.cat([x["pixel_values"] for x in items]).to(self.device, self.model.dtype)  # [n, C, H, W]
         out = self.inner.get_image_features(pixel_values=px, return_dict=True).pooler_output  # n x [N, D]
-        return [v.to(self.model.dtype).contiguous() for v in out]
+        return [v.to(self.model.dtype).clone() for v in out]  # own storage (not views of the batch)
 
     def embed(self, ids: torch.Tensor, vision: list[torch.Tensor]) -> torch.Tensor:
         text = self.inner.get_input_embeddings()(ids)  # [1, N, D]
@@ -139,7 +139,7 @@ class Qwen2VLDecoding(NativeDecoding):
         px = torch.cat([x["pixel_values"] for x in items]).to(self.device, visual.dtype)  # [P, C*T*p*p]
         grid = torch.cat([x["image_grid_thw"] for x in items]).to(self.device)  # [n, 3]
         out = self.inner.get_image_features(px, grid, return_dict=True).pooler_output  # n x [N_i, D]
-        return [v.to(self.model.dtype).contiguous() for v in out]
+        return [v.to(self.model.dtype).clone() for v in out]  # own storage (not views of the batch)
 
     def prompt_positions(self, ids: list[int], items: list) -> list[tuple[int, int, int]]:
         t = torch.tensor([ids])  # [1, T]
