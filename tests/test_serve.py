@@ -578,3 +578,15 @@ def test_medvl_serve_starts_on_the_allocator_it_reports():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_image_placeholder_typed_into_the_text_is_a_400(client, img):
+    """'<image>' in a question (or an earlier turn) would ask for an image no upload provides: a 400,
+    and the server goes on answering."""
+    r = client.post("/v1/chat/completions", json=chat_body(img, "What does <image> show?"))
+    assert r.status_code == 400 and "image placeholder" in r.json()["error"]["message"]
+    body = chat_body(img)
+    body["messages"] = [{"role": "system", "content": "Read <image> carefully."}] + body["messages"]
+    assert client.post("/v1/chat/completions", json=body).status_code == 400
+    assert client.post("/v1/chat/completions", json=chat_body(img)).status_code == 200
+    assert client.get("/ready").json()["chat"]["failed"] == 0

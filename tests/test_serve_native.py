@@ -195,3 +195,86 @@ def test_qwen2vl_positions_follow_the_models_rope_index(qwen_dir):
     assert torch.equal(torch.tensor(pos).T, want[:, 0])
     T = enc["input_ids"].shape[1]
     assert dm.step_position(dm.last_position(pos[-1]) + 1) == (T + int(delta),) * 3
+
+
+@pytest.mark.parametrize("kind", ["composed", "qwen2-vl"])
+def test_a_generated_image_placeholder_is_text_not_a_failed_step(kind, qwen_dir):
+    """An untrained model can emit the image placeholder token. It is text there (as in transformers'
+    generate): the row goes on, and its batch mates' answers are those they get alone — before, the
+    step raised and every row in it failed."""
+    from medvl.generate.continuous import ContinuousDecoder, GenRequest, content_key
+    if kind == "composed":
+        from medvl.models.tokenizers import build_bpe_tokenizer
+        from tests.test_vlm import make
+        tok = build_bpe_tokenizer([t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation],
+                                  vocab_size=300)
+        m = make(tok)
+        img = m.config.image_token_id
+        reqs = lambda: [GenRequest([1] + [img] * m.tokens_per_image + list(range(20, 20 + k)),  # noqa: E731
+                                   [torch.full((3, 32, 32), float(k))], [f"k{k}"], max_new_tokens=5) for k in (2, 5)]
+        dec = ContinuousDecoder(m, tok, lambda t: t)
+        server = None
+    else:
+        from medvl.serve.server import ServeConfig, Server
+        server = Server(str(qwen_dir), None, ServeConfig(precision="fp32"))
+        dec, img = server.decoder, server.decoder.dm.image_token_id
+        todo = samples(2)
+
+        def reqs():
+            out = []
+            for s in todo:
+                ids, items = server.prompt(s)
+                out.append(GenRequest(ids, items, [content_key(open(s.images[0].path, "rb").read())], max_new_tokens=5))
+            return out
+    try:
+        dec.eos = -1
+        alone = [dec.submit(r).result(timeout=60) for r in reqs()]
+        choose, forced = dec._choose, []
+
+        def force(logits, rows):  # the first row's first generated token is the image placeholder
+            nxt = choose(logits, rows)
+            if rows and not rows[0].tokens and not forced:
+                nxt[0] = img
+                forced.append(rows[0])
+            return nxt
+        dec._choose = force
+        a, b = reqs()
+        fa, fb = dec.submit(a), dec.submit(b)
+        got = [fa.result(timeout=60), fb.result(timeout=60)]
+        assert forced and forced[0].tokens[0] == img and len(forced[0].tokens) == 5  # it went on
+        assert dec.counters["failed"] == 0
+        assert got[1] == alone[1] if forced[0] is a else got[0] == alone[0]  # the other row: as alone
+    finally:
+        (server or dec).close()
+
+
+def test_image_placeholders_in_text_are_a_400_and_a_mismatched_prompt_fails_alone(qwen_dir):
+    """A question holding the model's image placeholder was a 500 that failed every request decoding in
+    the same step. Now the server refuses it (400) — '<image>' and the native model's own token — and
+    the decoder refuses a prompt whose image slots do not match its images alone, before it joins a
+    step, while the requests beside it are answered."""
+    from fastapi.testclient import TestClient
+
+    from medvl.errors import MedvlUserError
+    from medvl.generate.continuous import GenRequest, content_key
+    from medvl.serve.app import create_app
+    from medvl.serve.server import ServeConfig
+    s = samples(1)[0]
+    uri = "data:image/png;base64," + base64.b64encode(open(s.images[0].path, "rb").read()).decode()
+    with TestClient(create_app(str(qwen_dir), None, ServeConfig(precision="fp32"))) as c:
+        for text in ("What does <image> show?", "Is <|image_pad|> normal?"):
+            body = {"model": "tiny-qwen2vl", "max_tokens": 3, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": text}]}]}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and "image placeholder" in r.json()["error"]["message"], r.text
+        server = c.app.state.server
+        dec = server.decoder
+        ids, items = server.prompt(s)
+        key = [content_key(uri.encode())]
+        bad = GenRequest(ids + [dec.dm.image_token_id], items, key, max_new_tokens=3)
+        good = GenRequest(ids, items, key, max_new_tokens=3)
+        fb, fg = dec.submit(bad), dec.submit(good)
+        assert isinstance(fg.result(timeout=60), str)
+        with pytest.raises(MedvlUserError, match="image-token positions"):
+            fb.result(timeout=60)
+        assert dec.counters["refused"] == 1 and dec.counters["failed"] == 0

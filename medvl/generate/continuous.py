@@ -59,6 +59,7 @@ from typing import Any, Callable
 
 import torch
 
+from medvl.errors import MedvlUserError
 from medvl.generate.decode_models import decoding_for
 from medvl.generate.packed_cache import PackedKVCache
 from medvl.generate.prompt_cache import PromptKV, TensorLRU
@@ -163,7 +164,7 @@ class ContinuousDecoder:
         self.rss_after_trim_mb: float | None = None  # RSS right after the last heap trim (stats)
         self._reset()
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0, "row_steps": 0, "prefills": 0,
-                         "prompt_tokens_run": 0, "failed": 0, "prefix_hits": 0}
+                         "prompt_tokens_run": 0, "failed": 0, "prefix_hits": 0, "refused": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="medvl-decoder", daemon=True)
         self.thread.start()
@@ -225,7 +226,8 @@ class ContinuousDecoder:
                     break
                 new.append(r)
                 budget -= len(r.ids)
-            new = [r for r in new if not r.cancelled.is_set() and r.future.set_running_or_notify_cancel()]
+            new = [r for r in new if not r.cancelled.is_set() and r.future.set_running_or_notify_cancel()
+                   and self._fits(r)]
             if not (new or self.rows):
                 continue
             try:
@@ -237,6 +239,18 @@ class ContinuousDecoder:
                 self.counters["failed"] += len(self.rows)
                 self.rows = []
                 self._reset()
+
+    def _fits(self, r: GenRequest) -> bool:
+        """A prompt whose image slots do not match its images fails alone, before it joins a step (in a
+        step its error would fail every row there)."""
+        want = self.dm.image_tokens(r.images)
+        got = r.ids.count(self.dm.image_token_id)
+        if want is None or got == want:
+            return True
+        self.counters["refused"] += 1
+        r.future.set_exception(MedvlUserError(f"the prompt has {got} image-token positions but its "
+                                              f"{len(r.images)} image(s) give {want}"))
+        return False
 
     @torch.no_grad()
     def _vision(self, reqs: list[GenRequest]) -> list[torch.Tensor]:
@@ -312,6 +326,7 @@ class ContinuousDecoder:
         seq: list[int] = []
         pre: list[bool] = []
         ends: list[int] = []  # index of each row's last token in the step: its logits
+        n_old = len(self.rows)  # the running rows' next tokens come first in the step
         for r in self.rows:
             ids.append(r.last)
             pos.append(dm.step_position(r.pos + 1))
@@ -348,7 +363,16 @@ class ContinuousDecoder:
         L = cache.padded(K + len(ids))  # attention sees the cache rounded up to a block; the rest is masked
         see = torch.nn.functional.pad(see, (0, L - see.shape[1]))  # [N, L]
         dev = dm.device
-        emb = dm.embed(torch.tensor([ids], device=dev), self._vision(need))  # [1, N, D]
+        # a row's generated token can be the image placeholder (an untrained or random model emits any id):
+        # it is text there, as in transformers' generate, not a slot for image features — embedded as
+        # the token it is, so the step does not fail for every row in it
+        gen_img = [i for i in range(n_old) if ids[i] == dm.image_token_id]
+        ids_t = torch.tensor([ids], device=dev)  # [1, N]
+        if gen_img:
+            ids_t[0, gen_img] = self.pad_id
+        emb = dm.embed(ids_t, self._vision(need))  # [1, N, D]
+        if gen_img:
+            emb[0, gen_img] = dm.token_embedding(torch.tensor([dm.image_token_id], device=dev)).to(emb.dtype)
         logits = dm.forward(emb, see[None, None].to(dev), pos, cache, ends)  # [rows, V]
         if pad:
             cache.truncate(pad)
@@ -359,7 +383,7 @@ class ContinuousDecoder:
             if r.temperature > 0:
                 r.gen = torch.Generator(device=dev)
                 r.gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(2**62, (1,))))
-        rows, n_old = self.rows + new, len(self.rows)
+        rows = self.rows + new
         nxt = self._choose(logits.float(), rows)  # [rows]
         c = self.counters
         c["steps"] += 1

@@ -10,11 +10,14 @@ those:
 
 * ``encode(items) -> [ [N_i, D] ]``: vision features per image, what the vision cache keeps;
   an item is what :class:`medvl.generate.continuous.GenRequest` carries for an image.
-* ``embed(ids [1, N], vision) -> [1, N, D]``: token embeddings, image placeholders replaced.
+* ``embed(ids [1, N], vision) -> [1, N, D]``: token embeddings, image placeholders replaced;
+  ``token_embedding(ids)``: plain ones (a generated placeholder token is text).
 * ``prompt_positions(ids, items)``: each prompt token's position — an int, or for 3D rotary
   positions a ``(t, h, w)`` tuple; ``step_position(p)``: a generated token's, after position ``p``.
 * ``forward(embeds, mask [1, 1, N, L], positions, cache, ends) -> [len(ends), V]``: logits at
   ``ends`` only (never ``[N, vocab]``).
+* ``image_tokens(items)``: the image-token slots these images fill (a prompt that does not match is
+  refused alone, before it joins a step), or None where only encoding tells.
 * ``span_len``: image tokens per image when every image has the same count (the image-span KV
   reuse of :mod:`medvl.generate.prompt_cache` needs it), else 0.
 
@@ -59,8 +62,16 @@ class ComposedDecoding:
             vt = m.vision(px).to(m.dtype)  # [n, N, Dv]
         return [v.clone() for v in vt]  # own storage: a cached image does not keep its whole batch alive
 
+    def image_tokens(self, items: list) -> int | None:
+        """How many image-token slots these images fill in a prompt (None: not known before encoding)."""
+        return len(items) * self.span_len
+
     def embed(self, ids: torch.Tensor, vision: list[torch.Tensor]) -> torch.Tensor:
         return self.model.embed(ids, None, torch.stack(vision) if vision else None)
+
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain token embeddings, image placeholders included: [..., D]."""
+        return self.model.get_input_embeddings()(ids)
 
     def prompt_positions(self, ids: list[int], items: list) -> list[int]:
         full = self.model.position_ids(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
@@ -101,8 +112,15 @@ class NativeDecoding:
         out = self.inner.get_image_features(pixel_values=px, return_dict=True).pooler_output  # n x [N, D]
         return [v.to(self.model.dtype).clone() for v in out]  # own storage (not views of the batch)
 
+    def image_tokens(self, items: list) -> int | None:
+        return None  # LLaVA-style: known once encoded (the processor already checks its own count)
+
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain token embeddings, image placeholders included: [..., D]."""
+        return self.inner.get_input_embeddings()(ids)
+
     def embed(self, ids: torch.Tensor, vision: list[torch.Tensor]) -> torch.Tensor:
-        text = self.inner.get_input_embeddings()(ids)  # [1, N, D]
+        text = self.token_embedding(ids)  # [1, N, D]
         mask = ids == self.image_token_id
         feats = torch.cat(vision) if vision else text.new_zeros(0, text.shape[-1])  # [sum N_i, D]
         if int(mask.sum()) != feats.shape[0]:
@@ -140,6 +158,10 @@ class Qwen2VLDecoding(NativeDecoding):
         grid = torch.cat([x["image_grid_thw"] for x in items]).to(self.device)  # [n, 3]
         out = self.inner.get_image_features(px, grid, return_dict=True).pooler_output  # n x [N_i, D]
         return [v.to(self.model.dtype).clone() for v in out]  # own storage (not views of the batch)
+
+    def image_tokens(self, items: list) -> int | None:
+        merge = self.inner.config.vision_config.spatial_merge_size
+        return sum(int(x["image_grid_thw"].prod()) // merge**2 for x in items)
 
     def prompt_positions(self, ids: list[int], items: list) -> list[tuple[int, int, int]]:
         t = torch.tensor([ids])  # [1, T]

@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+from medvl.errors import MedvlUserError
 from medvl.generate.pipeline import DEFAULT_VLM
 from medvl.serve.batcher import QueueFull
 from medvl.serve.server import ServeConfig, Server
@@ -195,7 +196,6 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         import io
 
         from medvl.data.imageio import to_pil
-        from medvl.errors import MedvlUserError
         def render():
             media, img = server.store.decode(req.image)
             try:
@@ -240,6 +240,8 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         except asyncio.CancelledError:  # the client went away
             gen.cancel()
             raise
+        except MedvlUserError as e:  # the decoder refused this prompt (alone)
+            return error(400, str(e))
         n_prompt, n_out = len(gen.ids), len(gen.tokens)  # the decoder's own counts (end-of-turn not included)
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
@@ -278,7 +280,6 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
 
     @app.post("/v1/zero-shot")
     async def zero_shot_ep(req: ZeroShotRequest):
-        from medvl.errors import MedvlUserError
         from medvl.eval.zero_shot import check_labels
         need_clip(req.model)
         if len(req.labels) > cfg.max_labels:

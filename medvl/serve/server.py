@@ -87,6 +87,13 @@ class Server:
             self.clip_name = clip_name or Path(str(clip)).name
             self.clip_runner = ClipRunner(self.clip)
             self.clip_batcher = Batcher(self.clip_runner, cfg.max_batch, cfg.batch_wait_ms, cfg.max_queue)
+        if self.pipe is not None:
+            from medvl.data.schema import IMAGE_TOKEN
+            tok = self.pipe.tokenizer
+            proc = self.native.processor if self.native else None
+            self.placeholders = {IMAGE_TOKEN, tok.convert_ids_to_tokens(self.decoder.dm.image_token_id)} | {
+                t for t in (getattr(proc, "image_token", None), getattr(proc, "video_token", None)) if t}
+            """strings a chat text may not hold: they are image slots for this model"""
         if self.pipe is None and self.clip is None:
             raise ValueError("serve needs a VLM (--model) or a CLIP (--clip)")
         self.ready = True
@@ -125,12 +132,14 @@ class Server:
         question = " ".join(p.text for p in parts if p.type == "text" and p.text).strip()
         if not question:
             raise RequestError(400, "the user message has no text question")
+        self._no_placeholders(question)
         # earlier turns keep their text (the conversation so far); the image belongs to the last user turn
         history = []
         for m in req.messages[:users[-1]]:
             if isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
                 raise RequestError(400, "images are accepted in the last user message only")
             text = m.content if isinstance(m.content, str) else " ".join(p.text or "" for p in (m.content or []))
+            self._no_placeholders(text)
             history.append(Turn("system" if m.role == "developer" else m.role, text))
         want = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
         settings = {"max_new_tokens": min(want, self.cfg.max_tokens_cap)}
@@ -153,6 +162,15 @@ class Server:
                                if v is None or self.native]
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
+
+    def _no_placeholders(self, text: str) -> None:
+        """Images come as ``image_url`` parts only: a message text holding the model's image placeholder
+        would ask for image features no upload provides (before this check: a 500, and every request
+        decoding in the same step failed with it)."""
+        hit = next((t for t in self.placeholders if t in text), None)
+        if hit:
+            raise RequestError(400, f"the text contains the model's image placeholder {hit!r}; send images as "
+                                    "image_url parts")
 
     def decode_uploads(self, media: list, uploads: list[tuple[int, str]], sample=None, settings=None) -> None:
         """Decode the listed uploads into ``media`` (in place: the Sample holds the same list); for a
