@@ -278,3 +278,41 @@ def test_image_placeholders_in_text_are_a_400_and_a_mismatched_prompt_fails_alon
         with pytest.raises(MedvlUserError, match="image-token positions"):
             fb.result(timeout=60)
         assert dec.counters["refused"] == 1 and dec.counters["failed"] == 0
+
+
+def test_an_image_the_model_cannot_encode_fails_its_own_request_only():
+    """The tower (or its preprocessing: a 2D upload to a 3D model) failing on one newcomer's image used to
+    fail the whole step; now images are encoded before the step, one at a time after a batch fails, and
+    only the requests of the bad image fail."""
+    from medvl.errors import MedvlUserError
+    from medvl.generate.continuous import ContinuousDecoder, GenRequest
+    from medvl.models.tokenizers import build_bpe_tokenizer
+    from tests.test_vlm import make
+    tok = build_bpe_tokenizer([t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation], vocab_size=300)
+    m = make(tok)
+    img, n = m.config.image_token_id, m.tokens_per_image
+
+    def image_fn(t):
+        if t is None:
+            raise MedvlUserError("this model's vision tower takes 3D volumes, got a 2D image")
+        return t
+    dec = ContinuousDecoder(m, tok, image_fn)
+    dec.eos = -1
+    good = [GenRequest([1] + [img] * n + [20 + k], [torch.full((3, 32, 32), float(k))], [f"g{k}"], max_new_tokens=3)
+            for k in range(3)]
+    try:
+        alone = [dec.submit(GenRequest(r.ids, r.images, r.image_keys, max_new_tokens=3)).result(timeout=60)
+                 for r in good]
+        dec.vision_cache.clear()
+        bad = GenRequest([1] + [img] * n + [30], [None], ["bad"], max_new_tokens=3)
+        dec.close()  # drive by hand: the bad request and two good ones are newcomers of the same step
+        new = dec._encode([good[0], bad, good[1]])
+        assert new == [good[0], good[1]] and dec.counters["refused"] == 1
+        with pytest.raises(MedvlUserError, match="3D volumes"):
+            bad.future.result(timeout=1)
+        dec._step(new)
+        while dec.rows:
+            dec._step([])
+        assert [r.future.result(timeout=1) for r in new] == alone[:2]
+    finally:
+        dec.close()

@@ -253,24 +253,54 @@ class ContinuousDecoder:
         return False
 
     @torch.no_grad()
-    def _vision(self, reqs: list[GenRequest]) -> list[torch.Tensor]:
-        """Vision features of every image of these requests, in order: per image [N_i, Dv]."""
+    def _encode(self, reqs: list[GenRequest]) -> list[GenRequest]:
+        """Vision features for the newcomers' images, before they join a step: from the request (cached
+        when it was parsed), the vision cache, or the tower (one batch for all new images). A request
+        whose image span is cached needs none. An image the tower or its preprocessing cannot take (a
+        2D upload to a 3D model, say) fails its own requests only — found by encoding the batch's
+        images one at a time after a batch fails; inside a step it would fail every row. Returns the
+        requests that go on, each with ``vision`` filled."""
+        kv = self.prompt_kv
         need: dict[str, Any] = {}
-        found: dict[str, torch.Tensor] = {}
         for r in reqs:
+            r.vision = list(r.vision) + [None] * (len(r.image_keys) - len(r.vision))
+            if kv.starts_with_prefix(r.ids) and kv.span_key(r.ids, r.image_keys) in kv.spans:
+                continue  # the image's KV is cached: its tokens are not run
             for i, (item, key) in enumerate(zip(r.images, r.image_keys)):
-                if key in found or key in need:
-                    continue
-                v = r.vision[i] if i < len(r.vision) and r.vision[i] is not None else self.vision_cache.get(key)
-                if v is None:
-                    need[key] = item
-                else:
-                    found[key] = v
+                if r.vision[i] is None and key not in need:
+                    r.vision[i] = self.vision_cache.get(key)
+                    if r.vision[i] is None:
+                        need[key] = item
+        feats: dict[str, Any] = {}
         if need:
-            for key, v in zip(need, self.dm.encode(list(need.values()))):
-                found[key] = v
-                self.vision_cache.put(key, v)
-        return [found[k] for r in reqs for k in r.image_keys]
+            try:
+                feats = dict(zip(need, self.dm.encode(list(need.values()))))
+            except Exception:  # noqa: BLE001 - which image? one at a time
+                for key, item in need.items():
+                    try:
+                        feats[key] = self.dm.encode([item])[0]
+                    except Exception as e:  # noqa: BLE001 - handed to its requests
+                        feats[key] = e
+            for key, v in feats.items():
+                if isinstance(v, torch.Tensor):
+                    self.vision_cache.put(key, v)
+        ok = []
+        for r in reqs:
+            err = next((feats[k] for k in r.image_keys if isinstance(feats.get(k), Exception)), None)
+            if err is not None:
+                self.counters["refused"] += 1
+                r.future.set_exception(err if isinstance(err, MedvlUserError) else
+                                       MedvlUserError(f"the model cannot encode this image: {err}"))
+                continue
+            r.vision = [feats.get(k) if v is None else v for v, k in zip(r.vision, r.image_keys)]
+            ok.append(r)
+        return ok
+
+    @staticmethod
+    def _vision(reqs: list[GenRequest]) -> list[torch.Tensor]:
+        """The vision features of every image of these requests, in order (filled by :meth:`_encode`):
+        per image [N_i, Dv]."""
+        return [v for r in reqs for v in r.vision]
 
     def _append(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, range]]) -> None:
         """Put columns into the cache: each part is (per layer (keys, values) [1, H, n, D], the owner,
@@ -316,6 +346,9 @@ class ContinuousDecoder:
     @torch.no_grad()
     def _step(self, new: list[GenRequest]) -> None:
         """One forward: the running rows' next tokens and the newcomers' prompts, packed."""
+        new = self._encode(new)  # first: a newcomer whose image cannot be encoded fails alone
+        if not (new or self.rows):
+            return
         dm, kv = self.dm, self.prompt_kv
         cached = []  # columns to put into the cache before the forward: the prefix, cached image spans
         if self.prefix_ids and self.cache is None:

@@ -65,6 +65,11 @@ class TensorLRU:
                 _, old = self.items.popitem(last=False)
                 self.bytes -= old.numel() * old.element_size()
 
+    def __contains__(self, key: object) -> bool:
+        """Held now (no hit counted, no recency change)."""
+        with self._lock:
+            return key in self.items
+
     def clear(self) -> None:
         with self._lock:
             self.items.clear()
