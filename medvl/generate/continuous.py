@@ -38,10 +38,14 @@ et al. 2024). Models with their own position ids (the modality gap) and requests
 start with the prefix (a client's own system turn) run their whole prompt.
 
 The model is reached through a small adapter (:mod:`medvl.generate.decode_models`): composed
-models and native Qwen2-VL-family models decode in the same packed steps. Qwen2-VL's M-RoPE
-positions are per token here (the model's ``get_rope_index`` on each prompt; a generated token's
-three components equal), so nothing per request lives outside the packed cache. Native LLaVA-style
-models are refused with a clear error (their image features are spliced in by their own forward).
+models and native Qwen2-VL-family and LLaVA models decode in the same packed steps. Qwen2-VL's
+M-RoPE positions are per token here (the model's ``get_rope_index`` on each prompt; a generated
+token's three components equal), so nothing per request lives outside the packed cache. Other
+model types are refused at start-up with an error naming the supported ones.
+
+One request never fails the others: a prompt whose image slots do not match its images, and an
+image the model cannot encode, fail their own request before it joins a step (:meth:`_fits`,
+:meth:`_encode`); a generated image-placeholder token is embedded as text.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ class ContinuousDecoder:
     def __init__(self, model, tokenizer, image_fn: Callable, *, max_batch: int = 32, max_queue: int = 64,
                  cache_bytes: int = 256 * 2**20, tower_precision: str = "fp32", step_tokens: int = 2048,
                  prefix_ids: list[int] | None = None, span_cache_bytes: int = 256 * 2**20, query_block: int = 8):
-        self.model, self.tok = model, tokenizer
+        self.tok = tokenizer
         self.dm = decoding_for(model, image_fn, tower_precision)  # the model's parts the packed steps use
         image_id = self.dm.image_token_id
         usable = prefix_ids and image_id not in prefix_ids and self.dm.shares_prefix

@@ -99,10 +99,9 @@ class PackedLayer(CacheLayerMixin):
         m = len(idx)
         k, v = self.buf_k[:, :, idx], self.buf_v[:, :, idx]  # [1, H, m, D] gathered copies
         fit = round_up(max(m, 1) * 5 // 4 + 1, 4 * self.block)
-        if self.capacity >= 4 * fit:
-            self.buf_k = self.buf_v = None
-            self.used = 0
-            self._resize(fit, k)
+        if self.capacity >= 4 * fit:  # mostly empty: a smaller buffer
+            b, h, _, d = k.shape
+            self.buf_k, self.buf_v = k.new_zeros(b, h, fit, d), v.new_zeros(b, h, fit, d)
         self.buf_k[:, :, :m] = k
         self.buf_v[:, :, :m] = v
         self.used = m
