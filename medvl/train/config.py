@@ -129,8 +129,11 @@ class TrainerConfig:
     a larger max_steps resumes and stretches the schedule to it"""
     clip_grad: float = 0.0
     """clip the global gradient norm to this (0: off)"""
-    precision: str = "bf16"
-    """bf16 (autocast on CPU or CUDA) or fp32"""
+    precision: str = "auto"
+    """bf16 (autocast on CPU or CUDA), fp32, or auto: bf16 where the device computes it natively (CUDA with
+    bf16, a CPU with AMX / AVX512-BF16), fp32 elsewhere — on an AVX2-only CPU bf16 is emulated and a
+    training step ran ~100x slower than fp32 (measured: the quickstart, 40 s/step). Resolved when the run
+    starts; the resolved recipe records which"""
     seed: int = 0
     output_dir: str = "runs/train"
     log_every: int = 20

@@ -70,8 +70,10 @@ class Engine:
         self.main = self.rank == 0
         self.progress = progress and self.main
         self.ignore_keys = set(NOT_IDENTITY) | set(ignore_keys)
-        if cfg.precision not in ("bf16", "fp32"):
-            raise MedvlUserError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
+        if cfg.precision not in ("bf16", "fp32", "auto"):
+            raise MedvlUserError(f"precision must be bf16, fp32 or auto, got {cfg.precision!r}")
+        from medvl.models.precision import resolve_precision
+        cfg.precision = resolve_precision(cfg.precision, str(self.device))  # auto -> what this device computes
         if cfg.grad_accum < 1 or cfg.batch_size < 1:
             raise MedvlUserError("batch_size and grad_accum must be at least 1")
         get_schedule(cfg.lr_schedule)
