@@ -111,3 +111,51 @@ def test_cls_retrieval_grounding(capsys, tmp_path):
     assert code == 0
     g = json.loads((tmp_path / "g.json").read_text())
     assert g["metrics"]["acc@0.5"] == 0.5 and g["n_unparsed"] == 1 and g["by_modality"]["CT"]["acc@0.5"] == 1.0
+
+
+def _llava_med_answers(tmp_path, test, own_ids=True):
+    """A LLaVA-Med answer file: its own question_id (0, 1, ...), the prompt, the answer text."""
+    rows = []
+    for k, s in enumerate(test):
+        q = s.conversation[0].text.replace("<image>", "").strip()
+        rows.append({"question_id": k if own_ids else s.id, "prompt": q + "\n<image>", "text": s.conversation[-1].text,
+                     "answer_id": f"a{k}", "model_id": "llava-med", "metadata": {}})
+    return jl(tmp_path / "answers.jsonl", rows)
+
+
+def test_ids_that_name_other_questions_are_refused_and_join_question_pairs_them(capsys, tmp_path):
+    """A LLaVA-Med answer file keyed by its own question_id shares ids with VQA-RAD that name other
+    questions: scoring those pairs (as --allow-missing did) is refused; --join question scores them right."""
+    test = load_bundled("vqa-rad", "test")[:40]
+    ans = _llava_med_answers(tmp_path, test)
+    code, out, err = run(capsys, "eval", "vqa", "--pred", ans, "--ref", "vqa-rad/test", "--allow-missing")
+    assert code == 2 and "name different questions" in err and "--join question" in err
+    code, out, err = run(capsys, "eval", "vqa", "--pred", ans, "--ref", "vqa-rad/test", "--join", "question",
+                         "--allow-missing", "--out", str(tmp_path / "r.json"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["n"] == 40 and res["join"]["by"] == "question"
+    assert res["metrics"]["closed_accuracy"] == 1.0  # the answers are the references: every pair is right
+    # keyed by the right ids, the question check passes and counts what it compared
+    ok = _llava_med_answers(tmp_path, test, own_ids=False)
+    code, out, err = run(capsys, "eval", "vqa", "--pred", ok, "--ref", "vqa-rad/test", "--allow-missing",
+                         "--out", str(tmp_path / "r2.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "r2.json").read_text())["join"]["questions_agreeing"] == 40
+
+
+def test_empty_references_refused_or_skipped_and_counted(capsys, tmp_path):
+    p = jl(tmp_path / "p.jsonl", [{"id": f"s{i}", "prediction": h} for i, h in enumerate(HYPS)] + [
+        {"id": "s3", "prediction": ""}])
+    r = jl(tmp_path / "r.jsonl", [{"id": f"s{i}", "reference": t} for i, t in enumerate(REFS)] + [
+        {"id": "s3", "reference": "Clear lungs."}, ])
+    r_empty = jl(tmp_path / "re.jsonl", [{"id": "s0", "reference": ""}] + [
+        {"id": f"s{i}", "reference": t} for i, t in enumerate(REFS) if i] + [{"id": "s3", "reference": "Clear."}])
+    code, out, err = run(capsys, "eval", "report", "--pred", p, "--ref", r_empty, "--metrics", "bleu,chexpert")
+    assert code == 2 and "1 reference(s) are empty" in err and "--empty-refs skip" in err
+    code, out, err = run(capsys, "eval", "report", "--pred", p, "--ref", r_empty, "--metrics", "bleu,chexpert",
+                         "--empty-refs", "skip", "--out", str(tmp_path / "o.json"))
+    assert code == 0 and "1 empty reference(s) skipped" in out and "1 empty prediction(s)" in out
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert res["n"] == 3 and res["empty"] == {"references_skipped": ["s0"], "predictions_scored_empty": ["s3"]}
+    assert "s0" not in res["ids"]

@@ -109,3 +109,14 @@ def test_report_suite_bad_input():
     res = evaluate_reports(["no effusion", "small effusion"], ["", "small effusion"], metrics=["bleu", "rouge-l"],
                            normalisation="raw", bootstrap=50)
     assert res["n_empty_predictions"] == 1 and "bleu4[raw]" in res["ci"]
+
+
+def test_empty_references_are_refused_and_empty_texts_never_labelled():
+    import math
+    from medvl.eval.chexpert import CheXpertLabeler
+    with pytest.raises(MedvlUserError, match="1 reference"):
+        evaluate_reports(["", "small effusion"], ["no effusion", "small effusion"], metrics=["bleu"])
+    lab = CheXpertLabeler()
+    assert all(math.isnan(v) for v in lab.label("").values())  # blank: not even "No Finding"
+    assert all(math.isnan(v) for v in lab.label("   \n").values())
+    assert lab.label("The lungs are clear.")["No Finding"] == 1.0

@@ -238,6 +238,10 @@ class CheXpertLabeler:
         return out
 
     def label(self, report: str) -> dict[str, float]:
+        """The 14 labels of one report. An empty text gets none at all (every label blank — "No
+        Finding" included): nothing was said, so nothing is labelled."""
+        if not isinstance(report, str) or not report.strip():
+            return {o: BLANK for o in OBSERVATIONS}
         found: dict[str, list[float]] = {}
         for m in self.label_mentions(report):
             found.setdefault(m.observation, []).append(m.label)

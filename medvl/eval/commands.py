@@ -31,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             sp.add_argument("--ref-key", help="reference text column (default: reference, answer, report, ...)")
             sp.add_argument("--allow-missing", action="store_true",
                             help="score the ids present on both sides; report the others")
+            sp.add_argument("--join", choices=["id", "question"], default="id",
+                            help="pair records by id (default; refused where both files carry questions that "
+                                 "differ) or by question text (LLaVA-Med answer files keyed by their own ids)")
+            sp.add_argument("--empty-refs", choices=["refuse", "skip"], default="refuse",
+                            help="an empty reference is an error (default) or left out and counted (skip)")
         sp.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--out", help="write the full result as JSON")
@@ -84,13 +89,28 @@ def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = Non
     args.ref = _bundled_or_path(args.ref)
     refs = read_records(args.ref, text_key=args.ref_key, id_key=args.id_key,
                         candidates=ref_candidates or REF_KEYS)
-    return join(preds, refs, allow_missing=args.allow_missing, pred_path=args.pred, ref_path=args.ref)
+    j = join(preds, refs, allow_missing=args.allow_missing, pred_path=args.pred, ref_path=args.ref, by=args.join)
+    from medvl.eval.files import drop_empty_references
+    j.skipped_empty = drop_empty_references(j, args.empty_refs, args.ref)
+    return j
 
 
 def _finish(args: argparse.Namespace, result: dict[str, Any], joined=None) -> int:
     if joined is not None:
         result["missing"] = {"predictions_without_reference": joined.missing_reference,
                              "references_without_prediction": joined.missing_prediction}
+        skipped = getattr(joined, "skipped_empty", [])
+        empty_preds = [i for i, p in zip(joined.ids, joined.preds) if isinstance(p.text, str) and not p.text.strip()]
+        result["join"] = {"by": joined.by, "questions_agreeing": joined.questions_checked,
+                          "matched_by_order": joined.matched_by_order}
+        result["empty"] = {"references_skipped": skipped, "predictions_scored_empty": empty_preds}
+        if joined.by == "question":
+            print(f"note: joined {len(joined.ids)} pair(s) by question text ({joined.matched_by_order} of a repeated "
+                  "question matched in file order)")
+        if skipped:
+            print(f"note: {len(skipped)} empty reference(s) skipped (--empty-refs skip; listed in the result)")
+        if empty_preds:
+            print(f"note: {len(empty_preds)} empty prediction(s) scored as empty answers (listed in the result)")
         if joined.missing_reference or joined.missing_prediction:
             print(f"note: scored {len(joined.ids)} shared ids; {len(joined.missing_reference)} prediction(s) "
                   f"without reference and {len(joined.missing_prediction)} reference(s) without prediction "

@@ -9,6 +9,18 @@ Nothing is dropped silently: a record without an id, a duplicate id, a null / Na
 :class:`MedvlUserError` naming the file and record; ids present on one side only raise an
 error listing them, unless the caller allows missing ids, in which case they are counted
 and reported in the result.
+
+**An id is trusted only when the question agrees.** Where both files carry the question (a
+``question`` / ``prompt`` column, or a canonical sample's user turn), a pair joined by id whose
+questions differ is refused with a count and examples: two files keyed by different id schemes
+(a LLaVA-Med answer file's own ``question_id`` against VQA-RAD's ``qid``) share ids that name
+other questions, and scoring them gives a number about nothing. ``by="question"`` joins on the
+question text instead (repeated questions — the same question about several images — are
+matched in file order and counted). LLaVA-Med answer files (``question_id``, ``prompt``,
+``text``, ``answer_id``, ``model_id``) are read as they are.
+
+**Empty texts are counted, never scored silently**: :func:`empty_references` finds them; the
+callers refuse empty references unless told to skip them, and report empty predictions.
 """
 
 from __future__ import annotations
@@ -108,8 +120,11 @@ def read_records(path: str | Path, *, text_key: str | None = None, id_key: str |
             if not answers:
                 raise MedvlUserError(f"id {rid!r}: no assistant turn to use as reference", path=path, record=where)
             text = answers[-1].get("text")
+            conv = r.get("conversation", [])
+            last = max(k for k, t in enumerate(conv) if t.get("role") == "assistant")
+            asked = [t.get("text") for t in conv[:last] if t.get("role") == "user"]
             extra = {"labels": r.get("labels") or {}, "boxes": r.get("boxes") or [],
-                     "images": r.get("images") or []}
+                     "images": r.get("images") or [], "question": asked[-1] if asked else None}
         else:
             text = r.get(tkey)
             extra = {k: v for k, v in r.items() if k not in (ikey, tkey)}
@@ -122,6 +137,25 @@ def read_records(path: str | Path, *, text_key: str | None = None, id_key: str |
     return out
 
 
+QUESTION_KEYS = ("question", "prompt", "query", "instruction")
+
+
+def question_of(rec: Record) -> str | None:
+    """The record's question, normalised for comparison (lower case, ``<image>`` and extra spaces
+    removed), or None when the file does not carry one."""
+    q = rec.extra.get("question")
+    if q is None:
+        q = next((rec.extra[k] for k in QUESTION_KEYS if isinstance(rec.extra.get(k), str)), None)
+    if not isinstance(q, str) or not q.strip():
+        return None
+    return " ".join(q.replace("<image>", " ").lower().split()).strip(" ?.!:")
+
+
+def _agree(p: str, r: str) -> bool:
+    """A prediction's prompt may wrap the question in instructions (LLaVA-Med adds answer options)."""
+    return p == r or r in p or p in r
+
+
 @dataclass
 class Joined:
     ids: list[str]
@@ -129,10 +163,19 @@ class Joined:
     refs: list[Record]
     missing_reference: list[str]
     missing_prediction: list[str]
+    by: str = "id"
+    questions_checked: int = 0
+    """pairs whose questions were compared (both files carry them) and agreed"""
+    matched_by_order: int = 0
+    """``by="question"``: pairs of a question asked more than once, matched in file order"""
 
 
 def join(preds: list[Record], refs: list[Record], *, allow_missing: bool = False,
-         pred_path: str = "predictions", ref_path: str = "references") -> Joined:
+         pred_path: str = "predictions", ref_path: str = "references", by: str = "id") -> Joined:
+    if by == "question":
+        return _join_by_question(preds, refs, allow_missing=allow_missing, pred_path=pred_path, ref_path=ref_path)
+    if by != "id":
+        raise MedvlUserError(f"join by 'id' or 'question', got {by!r}")
     pmap = {r.id: r for r in preds}
     rmap = {r.id: r for r in refs}
     no_ref = [i for i in pmap if i not in rmap]
@@ -149,4 +192,73 @@ def join(preds: list[Record], refs: list[Record], *, allow_missing: bool = False
     ids = [i for i in rmap if i in pmap]
     if not ids:
         raise MedvlUserError(f"no id is shared by {pred_path} and {ref_path}")
-    return Joined(ids, [pmap[i] for i in ids], [rmap[i] for i in ids], no_ref, no_pred)
+    checked, differ = 0, []
+    for i in ids:
+        pq, rq = question_of(pmap[i]), question_of(rmap[i])
+        if pq is not None and rq is not None:
+            checked += 1
+            if not _agree(pq, rq):
+                differ.append(i)
+    if differ:
+        e = differ[0]
+        raise MedvlUserError(
+            f"{len(differ)} of {checked} shared id(s) name different questions in the two files (e.g. id {e}: "
+            f"{question_of(pmap[e])!r} in {pred_path} vs {question_of(rmap[e])!r} in {ref_path}); the files are "
+            "keyed by different id schemes. Join on the question text with --join question, or fix the ids")
+    return Joined(ids, [pmap[i] for i in ids], [rmap[i] for i in ids], no_ref, no_pred, "id", checked)
+
+
+def _join_by_question(preds: list[Record], refs: list[Record], *, allow_missing: bool, pred_path: str,
+                      ref_path: str) -> Joined:
+    for recs, path in ((preds, pred_path), (refs, ref_path)):
+        lacking = [r.id for r in recs if question_of(r) is None]
+        if lacking:
+            raise MedvlUserError(f"--join question: {len(lacking)} record(s) carry no question (a question / "
+                                 f"prompt column, or a canonical user turn), e.g. id {lacking[0]}", path=path)
+    queue: dict[str, list[Record]] = {}
+    for r in refs:
+        queue.setdefault(question_of(r), []).append(r)
+    repeated = {q for q, rs in queue.items() if len(rs) > 1}
+    pairs, no_ref = [], []
+    for p in preds:
+        pq = question_of(p)
+        key = pq if queue.get(pq) else next((q for q, rs in queue.items() if rs and _agree(pq, q)), None)
+        if key is None:
+            no_ref.append(p.id)
+            continue
+        pairs.append((p, queue[key].pop(0)))
+    no_pred = [r.id for rs in queue.values() for r in rs]
+    if (no_ref or no_pred) and not allow_missing:
+        raise MedvlUserError(f"--join question: {len(no_ref)} prediction(s) match no reference question and "
+                             f"{len(no_pred)} reference(s) have no prediction; pass --allow-missing to score the "
+                             "matched pairs (the others are counted in the result)")
+    if not pairs:
+        raise MedvlUserError(f"no question of {pred_path} is found in {ref_path}")
+    by_order = sum(1 for _, r in pairs if question_of(r) in repeated)
+    return Joined([r.id for _, r in pairs], [p for p, _ in pairs], [r for _, r in pairs], no_ref, no_pred,
+                  "question", len(pairs), by_order)
+
+
+def empty_references(joined: Joined) -> list[str]:
+    """Ids whose reference text is empty (or only spaces)."""
+    return [i for i, r in zip(joined.ids, joined.refs) if isinstance(r.text, str) and not r.text.strip()]
+
+
+def drop_empty_references(joined: Joined, policy: str, ref_path: str = "references") -> list[str]:
+    """Apply ``--empty-refs``: ``refuse`` (an error naming how many and which) or ``skip`` (left out,
+    returned, and reported by the caller). An empty reference is never scored: every metric would
+    score any prediction against nothing, and a labeler would call it "No Finding"."""
+    empty = empty_references(joined)
+    if not empty:
+        return []
+    if policy != "skip":
+        raise MedvlUserError(f"{len(empty)} reference(s) are empty (e.g. id {empty[0]}); an empty reference "
+                             "cannot be scored. Pass --empty-refs skip to leave them out (they are counted in the "
+                             "result), or fill them in", path=ref_path)
+    keep = [k for k, i in enumerate(joined.ids) if i not in set(empty)]
+    if not keep:
+        raise MedvlUserError("every reference is empty", path=ref_path)
+    joined.ids = [joined.ids[k] for k in keep]
+    joined.preds = [joined.preds[k] for k in keep]
+    joined.refs = [joined.refs[k] for k in keep]
+    return empty

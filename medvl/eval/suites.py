@@ -30,6 +30,15 @@ def _check_lengths(refs: Sequence, hyps: Sequence) -> None:
         raise MedvlUserError("nothing to evaluate: no predictions")
 
 
+def _refuse_empty_references(refs: Sequence) -> None:
+    """An empty reference is never scored: n-gram metrics would score any prediction against nothing,
+    a labeler would call it "No Finding". The command line skips them on request (--empty-refs skip)."""
+    empty = [k for k, r in enumerate(refs) if isinstance(r, str) and not r.strip()]
+    if empty:
+        raise MedvlUserError(f"{len(empty)} reference(s) are empty (e.g. position {empty[0]}); leave them out "
+                             "(medvl eval ... --empty-refs skip) or fill them in")
+
+
 def evaluate_reports(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] = DEFAULT_REPORT_METRICS,
                      normalisation: str = "r2gen", uncertain: str = "positive",
                      bertscore_model: str | None = None, bertscore_layers: int | None = None,
@@ -40,6 +49,7 @@ def evaluate_reports(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence
     from medvl.eval.text import normalise
 
     _check_lengths(refs, hyps)
+    _refuse_empty_references(refs)
     unknown = [m for m in metrics if m not in REPORT_METRICS]
     if unknown:
         raise MedvlUserError(f"unknown report metric(s) {', '.join(unknown)}; known: {', '.join(REPORT_METRICS)}")
@@ -136,6 +146,7 @@ def evaluate_vqa(refs: Sequence[str], preds: Sequence[str], answer_types: Sequen
     from medvl.eval.vqa import vqa_scores
 
     _check_lengths(refs, preds)
+    _refuse_empty_references(refs)
     res = vqa_scores([str(r) for r in refs], [str(p) for p in preds],
                      list(answer_types) if answer_types else [None] * len(refs), question_types)
     per = res.pop("per_sample")

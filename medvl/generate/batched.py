@@ -87,14 +87,43 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
 
 
 def predict_to_file(model, collator: VLMCollator, samples: Sequence[Sample], image_fn: Callable, out: str | Path,
-                    **kwargs) -> int:
-    """Append answers to ``out`` (JSONL ``{"id", "prediction"}``), skipping ids already there."""
-    return append_predictions(out, samples, lambda todo: generate_answers(model, collator, todo, image_fn, **kwargs))
+                    layout: str = "medvl", model_id: str = "", **kwargs) -> int:
+    """Append answers to ``out`` (JSONL, :func:`prediction_record`), skipping ids already there."""
+    return append_predictions(out, samples, lambda todo: generate_answers(model, collator, todo, image_fn, **kwargs),
+                              layout=layout, model_id=model_id)
 
 
-def append_predictions(out: str | Path, samples: Sequence[Sample], answer: Callable) -> int:
+#: layouts of a prediction file: medvl's, and LLaVA-Med's answer file (its model_vqa scripts' keys)
+PREDICTION_LAYOUTS = ("medvl", "llava-med")
+
+
+def question_text(s: Sample) -> str:
+    """The question a sample asks: its last user turn before the answer, ``<image>`` removed."""
+    turns = list(s.conversation)
+    if turns and turns[-1].role == "assistant":
+        turns = turns[:-1]
+    asked = [t.text for t in turns if t.role == "user"]
+    return " ".join(asked[-1].replace("<image>", " ").split()) if asked else ""
+
+
+def prediction_record(s: Sample, answer: str, layout: str = "medvl", model_id: str = "") -> dict:
+    """One line of a prediction file. The question travels with the answer, so ``medvl eval`` can check
+    that a join by id pairs the same questions (:func:`medvl.eval.files.join`)."""
+    if layout == "llava-med":
+        import uuid
+        return {"question_id": s.id, "prompt": question_text(s), "text": answer,
+                "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"medvl/{model_id}/{s.id}").hex,
+                "model_id": model_id, "metadata": {}}
+    return {"id": s.id, "question": question_text(s), "prediction": answer}
+
+
+def append_predictions(out: str | Path, samples: Sequence[Sample], answer: Callable, layout: str = "medvl",
+                       model_id: str = "") -> int:
     """Run ``answer(samples not yet in out)`` -> (id, answer) pairs and append them, flushed line by line:
     a killed run resumes where it stopped (a line cut by the kill is dropped and redone)."""
+    if layout not in PREDICTION_LAYOUTS:
+        raise ValueError(f"layout must be one of {PREDICTION_LAYOUTS}")
+    key = "question_id" if layout == "llava-med" else "id"
     out = Path(out)
     done = set()
     if out.exists():
@@ -104,15 +133,16 @@ def append_predictions(out: str | Path, samples: Sequence[Sample], answer: Calla
             out.write_text(text, encoding="utf-8")
         for line in text.splitlines():
             try:
-                done.add(json.loads(line)["id"])
+                done.add(str(json.loads(line)[key]))
             except (json.JSONDecodeError, KeyError):
                 continue
-    todo = [s for s in samples if s.id not in done]
+    todo = [s for s in samples if str(s.id) not in done]
+    by_id = {s.id: s for s in todo}
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out, "a", encoding="utf-8") as f:
         for sid, ans in answer(todo):
-            f.write(json.dumps({"id": sid, "prediction": ans}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(prediction_record(by_id[sid], ans, layout, model_id), ensure_ascii=False) + "\n")
             f.flush()
             n += 1
     return n

@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset file, or a bundled name (vqa-rad/test)")
     p.add_argument("--format", default="medvl")
     p.add_argument("--out", required=True, help="predictions JSONL; existing ids are kept and skipped")
+    p.add_argument("--pred-format", choices=["medvl", "llava-med"], default="medvl",
+                   help="medvl: {id, question, prediction}; llava-med: LLaVA-Med's answer file "
+                        "{question_id, prompt, text, answer_id, model_id}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     _precision(p)
@@ -82,11 +85,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pipe = load(args.model, precision=args.precision)
     if args.sasg:
         n = pipe.predict_sasg(samples, args.out, n=args.sasg, temperature=args.sasg_temperature, top_p=args.top_p,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              layout=args.pred_format)
         print(f"wrote {n} new SASG answer(s) ({args.sasg} candidates each) to {args.out}")
         return 0
     n = pipe.predict(samples, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                     tower_precision=args.tower_precision, **_gen_kwargs(args, pipe.tokenizer))
+                     tower_precision=args.tower_precision, layout=args.pred_format, **_gen_kwargs(args, pipe.tokenizer))
     print(f"wrote {n} new answer(s) to {args.out} ({len(samples) - n} already there)")
     if pipe.collator is not None and pipe.collator.stats.dropped:
         print(f"note: {pipe.collator.stats.dropped}")

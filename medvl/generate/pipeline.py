@@ -74,20 +74,21 @@ class VLMPipeline:
                                 **gen)
 
     def predict(self, samples: Sequence[Sample], out: str | Path, batch_size: int = 32,
-                max_new_tokens: int = 64, progress: bool = True, **gen) -> int:
+                max_new_tokens: int = 64, progress: bool = True, layout: str = "medvl", **gen) -> int:
         from medvl.generate.batched import predict_to_file
         return predict_to_file(self.model, self.collator, samples, self.image_fn, out, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=progress, **gen)
+                               max_new_tokens=max_new_tokens, progress=progress, layout=layout,
+                               model_id=Path(str(self.path)).name, **gen)
 
 
     def predict_sasg(self, samples: Sequence[Sample], out: str | Path, n: int = 5, temperature: float = 0.7,
-                     top_p: float = 0.9, seed: int = 0, progress: bool = True, **gen) -> int:
+                     top_p: float = 0.9, seed: int = 0, progress: bool = True, layout: str = "medvl", **gen) -> int:
         """Like :meth:`predict`, each answer chosen by SASG among ``n`` samples (resumable too)."""
         from medvl.generate.batched import append_predictions
         from medvl.generate.sasg import sasg_answers
         return append_predictions(out, samples, lambda todo: sasg_answers(
             self.model, self.collator, todo, self.image_fn, n=n, temperature=temperature, top_p=top_p, seed=seed,
-            progress=progress, **gen))
+            progress=progress, **gen), layout=layout, model_id=Path(str(self.path)).name)
 
 
 class NativePipeline:
@@ -108,7 +109,7 @@ class NativePipeline:
         return self.native.generate([s], batch_size=1, max_new_tokens=max_new_tokens, **gen)[0]
 
     def predict(self, samples: Sequence[Sample], out: str | Path, batch_size: int = 16, max_new_tokens: int = 64,
-                progress: bool = True, tower_precision: str = "fp32", **gen) -> int:
+                progress: bool = True, tower_precision: str = "fp32", layout: str = "medvl", **gen) -> int:
         from medvl.generate.batched import append_predictions
 
         def answer(todo):
@@ -116,7 +117,7 @@ class NativePipeline:
                 chunk = todo[i:i + batch_size]
                 yield from zip([s.id for s in chunk], self.native.generate(chunk, batch_size=batch_size,
                                                                            max_new_tokens=max_new_tokens, **gen))
-        return append_predictions(out, samples, answer)
+        return append_predictions(out, samples, answer, layout=layout, model_id=Path(str(self.path)).name)
 
     def answers(self, samples: Sequence[Sample], batch_size: int = 16, max_new_tokens: int = 64,
                 progress: bool = False, with_confidence: bool = False, tower_precision: str = "fp32", **gen):
@@ -131,14 +132,14 @@ class NativePipeline:
 
     def predict_sasg(self, samples: Sequence[Sample], out: str | Path, n: int = 5, temperature: float = 0.7,
                      top_p: float = 0.9, seed: int = 0, progress: bool = True, batch_size: int = 16,
-                     max_new_tokens: int = 64, **gen) -> int:
+                     max_new_tokens: int = 64, layout: str = "medvl", **gen) -> int:
         """SASG on a native model: ``n`` sampled answers per question, the semantic consensus kept."""
         from medvl.generate.batched import append_predictions
         from medvl.generate.sasg import sasg_consensus
         gen.pop("tower_precision", None)
         return append_predictions(out, samples, lambda todo: sasg_consensus(todo, lambda expanded: self.answers(
             expanded, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-            top_p=top_p, **gen), n=n, seed=seed))
+            top_p=top_p, **gen), n=n, seed=seed), layout=layout, model_id=Path(str(self.path)).name)
 
 
 def load(path: str | Path, precision: str = "fp32") -> VLMPipeline | NativePipeline:
