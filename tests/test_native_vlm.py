@@ -215,3 +215,64 @@ def test_clinkd_qwen2vl_recipe_runs_on_tiny_configs(tmp_path, capsys):
     kept, rep = pseudo_label(tmp_path / "teacher", load_bundled("vqa-rad", "train")[:4], max_new_tokens=3,
                              progress=False)
     assert rep["questions"] == 4 and rep["kept"] + rep["empty_answer"] == 4
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_qwen2vl], ids=["llava", "qwen2-vl"])
+def test_native_supervises_every_assistant_turn(build, tmp_path):
+    """A LLaMA-Factory-style record with three answers learns all three (it learned only the last)."""
+    from PIL import Image
+    from medvl.data.schema import Media, Sample, Turn
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "a.png")
+    answers = ["ct scan", "the liver", "no"]
+    s = Sample("mt", [Media(str(tmp_path / "a.png"))], [
+        Turn("user", "<image>\nWhat modality is this?"), Turn("assistant", answers[0]),
+        Turn("user", "Which organ?"), Turn("assistant", answers[1]),
+        Turn("user", "Is it normal?"), Turn("assistant", answers[2])])
+    vlm = build()
+    vlm.max_length = 4096
+    e = vlm.encode(s)
+    ids, labels = e["input_ids"][0].tolist(), e["labels"][0].tolist()
+    from test_vlm import supervised_spans
+    spans = supervised_spans(ids, labels)
+    assert len(spans) == 3
+    for (a, b), answer in zip(spans, answers):
+        text = vlm.tok.decode(ids[a:b])
+        assert text.startswith(answer) and "user" not in text and "<image>" not in text
+    last = Sample("mt2", s.images, s.conversation, meta={"loss_on": "last"})
+    e2 = vlm.encode(last)
+    (a, b), = supervised_spans(e2["input_ids"][0].tolist(), e2["labels"][0].tolist())
+    assert vlm.tok.decode(e2["input_ids"][0, a:b]).startswith("no")
+
+
+def test_native_qwen2vl_trains_on_boxes_in_its_own_syntax(tmp_path):
+    import json
+    from PIL import Image
+    from medvl.data.formats import get_format
+    Image.new("RGB", (64, 64), (80, 80, 80)).save(tmp_path / "cxr.png")
+    (tmp_path / "g.json").write_text(json.dumps([{"id": "g1", "image": "cxr.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhere is the left lung?"},
+        {"from": "gpt", "value": "<ref>left lung</ref><box_start>(247,265),(367,497)<box_end>"}]}]))
+    s = get_format("grounding").read(tmp_path / "g.json", image_dir=str(tmp_path)).samples[0]
+    vlm = tiny_qwen2vl()
+    vlm.tok.add_tokens(["<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>"],
+                       special_tokens=True)
+    e = vlm.encode(s)
+    learned = vlm.tok.decode(e["input_ids"][0][e["labels"][0] != -100])
+    assert "<|box_start|>" in learned and "(247,265),(367,497)" in learned.replace(" ", "")
+    assert "<box/>" not in learned
+
+
+def test_reflective_correction_rounds_on_a_native_qwen2vl(tmp_path):
+    """`reflect.rounds=1` on a native model crashed after round 0 ('NativeVLM' has no attribute 'vision')."""
+    import json
+    from medvl.train.reflect import run_reflective
+    from medvl.train.vlm import VLMTrainConfig
+    tiny_qwen2vl().save(tmp_path / "qwen")
+    cfg = VLMTrainConfig(native=str(tmp_path / "qwen"), stage="sft", freeze={"vision": "full"}, epochs=1,
+                         batch_size=4, precision="fp32", lr=1e-3, warmup_steps=1, log_every=1, max_length=512,
+                         reflect={"rounds": 1, "epochs": 1}, output_dir=str(tmp_path / "r"))
+    res = run_reflective(cfg, load_bundled("vqa-rad", "train")[:8], progress=False)
+    log = [json.loads(x) for x in (tmp_path / "r" / "reflection.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["answered"] == 8
+    assert (tmp_path / "r" / "round1" / "model" / "config.json").exists()
+    assert res["model"].model.config.model_type == "qwen2_vl"

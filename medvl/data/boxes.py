@@ -104,3 +104,49 @@ def render_boxes(turns: list[Turn], boxes: list[Box], style: str = "grit") -> li
             text = text.replace("<ref>", ro).replace("</ref>", rc)
         out.append(Turn(t.role, text))
     return out
+
+
+#: the box syntax a model is trained and prompted in, by model family. Composed medvl models and
+#: native LLaVA use Qwen-VL's text form (``<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>``, corners in
+#: [0, 1000)): plain text any tokenizer reads, parsed back by :func:`parse_boxes` and by
+#: ``medvl eval grounding``; Qwen2-VL-family models use their own special tokens.
+MODEL_BOX_STYLE = {"medvl_vlm": "qwenvl", "llava": "qwenvl", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
+
+
+def _image_size(sample, index: int) -> tuple[int, int]:
+    """(width, height) of the sample's image ``index`` (for pixel-space boxes)."""
+    from medvl.data.imageio import MedicalImage, load_medical
+    m = sample.images[index]
+    img = m.array if isinstance(m.array, MedicalImage) else load_medical(m.path)
+    a = img.array  # [H, W], [H, W, 3] or [D, H, W]
+    h, w = a.shape[:2] if (a.ndim == 3 and img.kind == "image") else a.shape[-2:]
+    return int(w), int(h)
+
+
+def to_norm1000(box: Box, sample=None) -> Box:
+    """The box in Qwen-VL's integer [0, 1000) convention; a pixel-space box needs its sample's image."""
+    if box.space == "norm1000":
+        return box
+    if box.space == "norm1":
+        scale = (1000.0, 1000.0, 1000.0, 1000.0)
+    elif box.space == "pixel":
+        if sample is None or box.image >= len(sample.images):
+            raise ValueError(f"a pixel-space box needs its image (image {box.image})")
+        w, h = _image_size(sample, box.image)
+        scale = (1000.0 / w, 1000.0 / h, 1000.0 / w, 1000.0 / h)
+    else:
+        raise ValueError(f"unknown box space {box.space!r}")
+    bbox = [min(999, max(0, int(round(v * s)))) for v, s in zip(box.bbox, scale)]
+    return Box(bbox=bbox, space="norm1000", image=box.image, turn=box.turn, phrase=box.phrase)
+
+
+def model_turns(sample, style: str) -> list[Turn]:
+    """The sample's conversation as a model reads and writes it: each ``<box/>`` marker replaced by
+    its box's corners in ``style`` syntax (in [0, 1000)), referring phrases in that style's tags.
+    Training on the markers alone would teach a model box tags with no coordinates."""
+    if not sample.boxes and "<ref>" not in "".join(t.text for t in sample.conversation):
+        return list(sample.conversation)
+    n_markers = sum(t.text.count(BOX_TOKEN) for t in sample.conversation)
+    if n_markers != len(sample.boxes):
+        raise ValueError(f"{n_markers} {BOX_TOKEN} marker(s) but {len(sample.boxes)} box(es)")
+    return render_boxes(sample.conversation, [to_norm1000(b, sample) for b in sample.boxes], style)

@@ -13,6 +13,9 @@ Design choices:
 * **Truncation never cuts through image tokens**: a sample longer than ``max_length`` is
   cut at the end only when every image token survives; otherwise it is dropped (and
   counted) or, with ``overflow="error"``, raises naming the sample.
+* **Boxes reach the model with their coordinates**: ``<box/>`` markers are rendered in the
+  model's box syntax (:data:`medvl.data.boxes.MODEL_BOX_STYLE`; Qwen-VL's text form for
+  composed models), in prompts and targets alike.
 * Padding side is a parameter: right for training, left for batched generation.
 """
 
@@ -23,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from medvl.data.boxes import model_turns
 from medvl.data.schema import IMAGE_TOKEN, Sample, count_placeholders
 from medvl.errors import MedvlUserError
 
@@ -49,7 +53,7 @@ class CollateStats:
 class VLMCollator:
     def __init__(self, tokenizer, *, image_token: str = IMAGE_TOKEN, tokens_per_image: int = 1,
                  max_length: int = 512, overflow: str = "drop", image_loader: Callable | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, box_style: str = "qwenvl"):
         self.tok = tokenizer
         self.image_token = image_token
         ids = tokenizer.convert_tokens_to_ids(image_token)
@@ -63,6 +67,7 @@ class VLMCollator:
         self.overflow = overflow
         self.image_loader = image_loader
         self.system_prompt = system_prompt
+        self.box_style = box_style
         self.stats = CollateStats()
 
     # -- one sample ---------------------------------------------------------------------------
@@ -70,7 +75,11 @@ class VLMCollator:
         msgs = []
         if self.system_prompt and not (sample.conversation and sample.conversation[0].role == "system"):
             msgs.append({"role": "system", "content": self.system_prompt})
-        for t in sample.conversation:
+        try:
+            turns = model_turns(sample, self.box_style)
+        except ValueError as e:
+            raise MedvlUserError(str(e), record=f"id={sample.id!r}") from None
+        for t in turns:
             msgs.append({"role": t.role, "content": t.text.replace(IMAGE_TOKEN, self.image_token * self.n)})
         return msgs
 

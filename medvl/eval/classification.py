@@ -162,11 +162,14 @@ _BOX_TEXT = re.compile(
     r"<\|box_start\|>\s*\(?\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)?\s*,\s*\(?\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)?\s*<\|box_end\|>"
     r"|<box_start>\s*\(?\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)?\s*,\s*\(?\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)?\s*<box_end>"
     r"|<box>\s*\(?\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)?\s*,\s*\(?\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)?\s*</box>"
-    r"|\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]")
+    r"|\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]"
+    # bare corners: Qwen2-VL's box once a decoder skips its special tokens (<|box_start|> is one)
+    r"|\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*,\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)")
 
 
 def parse_boxes_from_text(text: str) -> list[list[float]]:
-    """Every box in model output, in order: Qwen2-VL / Med-GRIT / Qwen-VL syntax or ``[x1, y1, x2, y2]``."""
+    """Every box in model output, in order: Qwen2-VL / Med-GRIT / Qwen-VL syntax, ``[x1, y1, x2, y2]``, or
+    bare ``(x1,y1),(x2,y2)`` corners."""
     out = []
     for m in _BOX_TEXT.finditer(text or ""):
         nums = [g for g in m.groups() if g is not None]

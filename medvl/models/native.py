@@ -4,10 +4,13 @@
 what the composed model offers: encode canonical samples (the processor expands image
 tokens — Qwen2-VL's count depends on the image's grid), collate, train with a loss on the
 answer only, and batched left-padded generation; training goes through the vlm recipe
-(:mod:`medvl.train.vlm_native`). First cut: the loss covers the **last**
-assistant turn (the prompt is rendered with the generation prompt and its length masked),
-which is every VQA and report sample; earlier assistant turns of multi-turn chats are
-context only.
+(:mod:`medvl.train.vlm_native`). The loss covers **every** assistant turn, as LLaVA,
+LLaMA-Factory and MedM-VL train multi-turn chats (and as the composed collator,
+:class:`medvl.data.collate.VLMCollator`, does): each assistant turn's span is found by running
+the processor on growing prefixes of the chat (the prompt up to the turn with the generation
+prompt, then the turn itself), so image tokens that the processor expands are counted
+exactly; a sample whose ``meta.loss_on`` is ``"last"`` (reflective correction, where an
+earlier answer is the wrong one) learns only its final assistant turn.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medvl.data.boxes import MODEL_BOX_STYLE, model_turns
 from medvl.data.schema import IMAGE_TOKEN, Sample, count_placeholders
 from medvl.errors import MedvlUserError
 
@@ -34,6 +38,7 @@ class NativeVLM:
         self.max_length = max_length
         mtype = model.config.model_type
         self.image_text = IMAGE_TEXT.get(mtype, getattr(processor, "image_token", IMAGE_TOKEN))
+        self.box_style = MODEL_BOX_STYLE.get(mtype, "qwenvl")  # boxes in the family's own syntax
         if getattr(model.config, "medvl_position_gap", 0):  # saved by set_position_gap: re-apply on load
             self.set_position_gap(model.config.medvl_position_gap)
 
@@ -63,12 +68,44 @@ class NativeVLM:
         return out
 
     # -- text ---------------------------------------------------------------------------------
+    def _turns(self, sample: Sample) -> list:
+        try:
+            return model_turns(sample, self.box_style)
+        except ValueError as e:
+            raise MedvlUserError(str(e), record=f"id={sample.id!r}") from None
+
     def _text(self, sample: Sample, with_answer: bool) -> str:
-        turns = list(sample.conversation)
+        turns = self._turns(sample)
         if not with_answer and turns and turns[-1].role == "assistant":
             turns = turns[:-1]
+        return self._render(turns, gen_prompt=not with_answer)
+
+    def _render(self, turns: Sequence, gen_prompt: bool) -> str:
         msgs = [{"role": t.role, "content": t.text.replace(IMAGE_TOKEN, self.image_text)} for t in turns]
-        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not with_answer)
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+
+    def _n_tokens(self, turns: Sequence, gen_prompt: bool, images: list) -> list[int]:
+        """Token ids of the chat ``turns`` as the processor lays them out (images expanded)."""
+        k = sum(count_placeholders(t.text) for t in turns)  # the images this prefix shows
+        enc = self.processor(text=[self._render(turns, gen_prompt)], images=images[:k] or None, return_tensors="pt")
+        return enc["input_ids"][0].tolist()
+
+    def answer_spans(self, sample: Sample, images: list, full_ids: list[int]) -> list[tuple[int, int]]:
+        """[start, end) token spans of the assistant turns the loss covers (every one; only the last
+        with ``meta.loss_on == "last"``)."""
+        turns = self._turns(sample)
+        which = [i for i, t in enumerate(turns) if t.role == "assistant"]
+        if (sample.meta or {}).get("loss_on") == "last":
+            which = which[-1:]
+        spans = []
+        for i in which:
+            head = self._n_tokens(turns[:i], True, images)
+            upto = self._n_tokens(turns[: i + 1], False, images)
+            if upto[: len(head)] != head or full_ids[: len(upto)] != upto:
+                raise MedvlUserError("the chat template does not render the assistant turn as an extension of the "
+                                     "prompt; cannot build a loss mask", record=f"id={sample.id!r}")
+            spans.append((len(head), len(upto)))
+        return spans
 
     def _images(self, sample: Sample) -> list:
         from medvl.data.imageio import MedicalImage, load_medical, to_pil
@@ -79,14 +116,14 @@ class NativeVLM:
         if n_ph != len(sample.images):
             raise MedvlUserError(f"{n_ph} <image> placeholder(s) but {len(sample.images)} image(s)",
                                  record=f"id={sample.id!r}")
-        images = self._images(sample) or None
-        full = self.processor(text=[self._text(sample, True)], images=images, return_tensors="pt")
-        prompt = self.processor(text=[self._text(sample, False)], images=images, return_tensors="pt")
+        images = self._images(sample)
+        full = self.processor(text=[self._text(sample, True)], images=images or None, return_tensors="pt")
         n = full["input_ids"].shape[1]
         if n > self.max_length:
             return None  # the caller counts it; image tokens are never cut
-        labels = full["input_ids"].clone()
-        labels[:, : prompt["input_ids"].shape[1]] = IGNORE
+        labels = torch.full_like(full["input_ids"], IGNORE)  # [1, T]
+        for a, b in self.answer_spans(sample, images, full["input_ids"][0].tolist()):
+            labels[0, a:b] = full["input_ids"][0, a:b]
         out = {k: v for k, v in full.items()}
         out["labels"] = labels
         return out
