@@ -156,7 +156,8 @@ def _tiny_cfg(tmp_path, **kw):
                                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                                     "tie_word_embeddings": True},
                 vocab_size=300, epochs=1, batch_size=8, warmup_steps=1, precision="fp32",
-                output_dir=str(tmp_path / "vlm"), log_every=1)
+                output_dir=str(tmp_path / "vlm"), log_every=1,
+                allow_frozen_random=True)  # tiny random towers and LMs, frozen on purpose: the mechanics under test
     return VLMTrainConfig(**{**args, **kw})
 
 
@@ -566,3 +567,62 @@ def test_init_connector_starts_a_new_model_from_another_vlms_connector(tmp_path)
     with pytest.raises(MedvlUserError, match="leave init_connector unset"):
         train_vlm(_tiny_cfg(tmp_path, init_connector=src, init_from=src, output_dir=str(tmp_path / "fifth")),
                   train, progress=False)
+
+
+def supervised_spans(ids, labels, ignore=IGNORE):
+    """Contiguous runs of supervised positions: [(start, end)]."""
+    spans, start = [], None
+    for k, l in enumerate(list(labels) + [ignore]):
+        if l != ignore and start is None:
+            start = k
+        elif l == ignore and start is not None:
+            spans.append((start, k))
+            start = None
+    return spans
+
+
+MULTI_TURN = Sample("mt", [Media("a.png")], [
+    Turn("user", "<image>\nWhat modality is this?"), Turn("assistant", "ct scan"),
+    Turn("user", "Which organ?"), Turn("assistant", "the liver"),
+    Turn("user", "Is it normal?"), Turn("assistant", "no")])
+
+
+def test_collator_supervises_every_assistant_turn_of_a_multi_turn_chat(tok):
+    c = VLMCollator(tok, tokens_per_image=4, max_length=256)
+    e = c.encode(MULTI_TURN)
+    spans = supervised_spans(e.input_ids, e.labels)
+    assert len(spans) == 3  # one per assistant turn (LLaVA / LLaMA-Factory / MedM-VL masking)
+    for (a, b), answer in zip(spans, ["ct scan", "the liver", "no"]):
+        assert tok.decode(e.input_ids[a:b]).startswith(answer + "<|im_end|>")
+        assert b - a == len(tok(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    # reflective correction: only the last answer is learned
+    last = Sample("mt2", MULTI_TURN.images, MULTI_TURN.conversation, meta={"loss_on": "last"})
+    e2 = c.encode(last)
+    (a, b), = supervised_spans(e2.input_ids, e2.labels)
+    assert tok.decode(e2.input_ids[a:b]).startswith("no<|im_end|>")
+
+
+def test_freezing_a_random_module_is_refused_unless_the_recipe_says_so(tmp_path):
+    """medcap's 'LLM frozen' over a from-scratch LM trained against a random, frozen LM without a word."""
+    from medvl.data.bundled import load_bundled
+    from medvl.train.vlm import train_vlm
+    train = load_bundled("vqa-rad", "train")[:8]
+    with pytest.raises(MedvlUserError, match="freezes the llm and vision.*llm.source=smollm2-135m-instruct"):
+        train_vlm(_tiny_cfg(tmp_path, stage="align", allow_frozen_random=False), train, progress=False)
+    with pytest.raises(MedvlUserError, match="freezes the llm.*allow_frozen_random=true"):
+        train_vlm(_tiny_cfg(tmp_path, stage="vision-tune", allow_frozen_random=False), train, progress=False)
+    res = train_vlm(_tiny_cfg(tmp_path, stage="sft", freeze={"vision": "full"}, allow_frozen_random=False,
+                              output_dir=str(tmp_path / "ok")), train, progress=False)  # nothing random is frozen
+    assert res["steps"] == 1
+    from medvl.models.vision_towers import is_pretrained
+    assert is_pretrained({"name": "medclip", "source": "medclip-r10t-minilm-v2"})
+    assert not is_pretrained({"name": "vit3d"}) and not is_pretrained(SIGLIP)
+    assert not is_pretrained({"name": "medclip", "source": "config:medclip-r10t-minilm"})
+
+
+@pytest.mark.parametrize("recipe", ["vlm-vision-tune.yaml", "vlm-report-mimic.yaml"])
+def test_frozen_lm_recipes_default_to_a_pretrained_lm(recipe):
+    import pathlib
+    import yaml
+    r = yaml.safe_load((pathlib.Path(__file__).parents[1] / "recipes" / recipe).read_text())
+    assert r["llm"]["source"] == "smollm2-135m-instruct" and not r.get("allow_frozen_random")

@@ -178,6 +178,20 @@ class Slice2D(Tower):
         return t.reshape(B, d * t.shape[1], t.shape[2])
 
 
+def is_pretrained(cfg: VisionConfig | dict[str, Any]) -> bool:
+    """Whether a tower built from ``cfg`` starts from trained weights (a hub id / folder / shipped CLIP)
+    rather than from a random initialisation (``hf_config``, ``medclip`` with ``config:``, ``vit3d``)."""
+    if isinstance(cfg, dict):
+        cfg = VisionConfig(**cfg)
+    if cfg.name == "hf":
+        return bool(cfg.source)
+    if cfg.name == "medclip":
+        return not (cfg.source or "").startswith("config:") and bool(cfg.source)
+    if cfg.name == "slice2d":
+        return is_pretrained(VisionConfig(**cfg.inner) if cfg.inner else VisionConfig())
+    return False  # vit3d and any tower without a source of weights
+
+
 def build_tower(cfg: VisionConfig | dict[str, Any]) -> Tower:
     if isinstance(cfg, dict):
         cfg = VisionConfig(**cfg)

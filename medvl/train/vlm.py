@@ -89,6 +89,9 @@ class VLMTrainConfig(TrainerConfig):
     eval: dict = field(default_factory=dict)
     """validation during training (composed VLMs; medvl.train.validation): {holdout: 0.1, by: image|sample} or
     {data: a data section}; every_epochs: 1, metric: mean|closed_accuracy|open_recall|..., keep: best|last"""
+    allow_frozen_random: bool = False
+    """freeze a module (vision / connector / llm) that starts from random weights; refused otherwise, since it
+    would stay random for the whole run (a from-scratch LM under stage align or vision-tune)"""
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
@@ -112,7 +115,7 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
     from medvl.data.schema import Media
     from medvl.distill.teacher import make_teacher
     from medvl.models.vlm import image_loader_for
-    from medvl.train.policy import apply_composed
+    from medvl.train.policy import apply_composed, check_frozen_random
 
     if cfg.position_gap and cfg.packing:
         raise MedvlUserError("position_gap with packing is not supported: packed rows restart positions per "
@@ -135,6 +138,11 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         from medvl.generate.pipeline import resolve_model_path
         from medvl.models.build import load_connector
         load_connector(model, resolve_model_path(cfg.init_connector))
+    if not cfg.init_from:
+        from medvl.models.vision_towers import is_pretrained
+        random_parts = {m for m, trained in (("llm", "source" in cfg.llm), ("vision", is_pretrained(cfg.vision)),
+                                             ("connector", bool(cfg.init_connector))) if not trained}
+        check_frozen_random(policy, random_parts, cfg.allow_frozen_random)
     from medvl.train.attention import for_training, set_attention
     built_attention = for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
     apply_composed(model, policy, cfg.lora)
