@@ -117,6 +117,7 @@ class Pair:
 def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
     """Image-text pairs from a dataset, with counts of what was left out and why."""
     from medvl.data.formats import get_format
+    from medvl.data.formats.mmkd import resolve_ref
     from medvl.data.schema import resolve_path
 
     if not cfg.path:
@@ -128,7 +129,8 @@ def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
     skipped: dict[str, int] = defaultdict(int)
     for s in conv.skipped:
         skipped[f"read: {s.reason}"] += 1
-    root = Path(cfg.image_root) if cfg.image_root else (Path(cfg.path) if Path(cfg.path).is_dir() else Path(cfg.path).parent)
+    data_dir = Path(cfg.path) if Path(cfg.path).is_dir() else Path(cfg.path).parent
+    root = Path(cfg.image_root) if cfg.image_root else data_dir
     exclude: set[str] = set()
     if cfg.exclude_images_of == "bundled:vqa-rad":
         from medvl.data.bundled import load_bundled
@@ -161,7 +163,9 @@ def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
                 if not cap:
                     skipped["empty caption"] += 1
                     continue
-                pairs.append(Pair(full, [cap], dict(s.teacher_features), s.id))
+                # teacher feature files are relative to the data file (image_root is for images only)
+                pairs.append(Pair(full, [cap], {k: resolve_ref(v, data_dir) for k, v in s.teacher_features.items()},
+                                  s.id))
         else:
             raise MedvlUserError(f"data.text_mode must be caption or vqa-med, got {cfg.text_mode!r}")
     return pairs, dict(skipped)

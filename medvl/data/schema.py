@@ -195,8 +195,10 @@ class Problem:
 
 
 def validate_sample(s: Sample, index: int = 0, *, image_root: Path | None = None,
-                    check_files: bool = False) -> list[Problem]:
-    """Every problem of one sample (an empty list when it is valid)."""
+                    check_files: bool = False, data_root: Path | None = None) -> list[Problem]:
+    """Every problem of one sample (an empty list when it is valid). Image paths resolve against
+    ``image_root``, teacher feature files against ``data_root`` (the data file's folder; default
+    ``image_root``)."""
     out: list[Problem] = []
 
     def bad(msg: str) -> None:
@@ -253,18 +255,27 @@ def validate_sample(s: Sample, index: int = 0, *, image_root: Path | None = None
     if not isinstance(s.teacher_features, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in s.teacher_features.items()):
         bad("'teacher_features' must map feature names to file references (strings)")
+    else:
+        clips = (s.meta or {}).get("available_clips") if isinstance(s.meta, dict) else None
+        if clips and not s.teacher_features:
+            bad(f"lists teachers {', '.join(map(str, clips))} but no teacher feature file was found for it")
+        if check_files:
+            for f in sorted({v.partition("#")[0] for v in s.teacher_features.values()}):
+                p = resolve_path(f, data_root if data_root is not None else image_root)
+                if not p.exists():
+                    bad(f"teacher feature file not found: {p}")
     if not isinstance(s.meta, dict):
         bad("'meta' must be an object")
     return out
 
 
 def validate(samples: Iterable[Sample], *, image_root: Path | None = None,
-             check_files: bool = False) -> list[Problem]:
+             check_files: bool = False, data_root: Path | None = None) -> list[Problem]:
     """Every problem of every sample, including duplicate ids."""
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     for i, s in enumerate(samples):
-        problems += validate_sample(s, i, image_root=image_root, check_files=check_files)
+        problems += validate_sample(s, i, image_root=image_root, check_files=check_files, data_root=data_root)
         if isinstance(s.id, str):
             if s.id in seen:
                 problems.append(Problem(i, s.id, f"duplicate id (first used by record {seen[s.id]})"))

@@ -121,7 +121,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise MedvlUserError(f"teacher name {name!r} must be a plain identifier (used as '{name}_img')")
         teachers[name] = MedCLIP.from_pretrained(model)
     conv = get_format(args.format).read(Path(args.data))
-    root = Path(args.image_root) if args.image_root else Path(args.data).resolve().parent
+    root = Path(args.image_root).resolve() if args.image_root else Path(args.data).resolve().parent
     out = Path(args.out)
     (out / "features").mkdir(parents=True, exist_ok=True)
     skipped = {}
@@ -146,8 +146,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in s.id)
             fpath = out / "features" / f"{safe}.npz"
             np.savez(fpath, **arrays)
-            meta.write(json.dumps({"id": s.id, "imgpath": str(img), "txt": answers[-1].text,
-                                   "available_clips": sorted(teachers), "featpath": str(fpath)}) + "\n")
+            # paths in meta.jsonl resolve wherever it is read from: the feature file relative to it, the
+            # image absolute (it lies wherever the user's data is)
+            meta.write(json.dumps({"id": s.id, "imgpath": str(img.resolve()), "txt": answers[-1].text,
+                                   "available_clips": sorted(teachers),
+                                   "featpath": fpath.relative_to(out).as_posix()}) + "\n")
             n += 1
     print(f"wrote {n:,} samples to {out}/meta.jsonl; skipped: " +
           (", ".join(f"{v} {k}" for k, v in skipped.items()) or "none"))

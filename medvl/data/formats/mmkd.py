@@ -1,16 +1,30 @@
 """MMKD-CLIP distillation data: ``meta.jsonl`` plus per-sample teacher feature files.
 
-Layout (MMKD-CLIP, Wang et al. 2025)::
+MMKD-CLIP's own layout (Wang et al. 2025), read as it is::
 
-    {"imgpath": "images/0001.jpg", "txt": "caption", "available_clips": ["BiomedCLIP", "PMC_CLIP"],
-     "featpath": "feats/0001.npz"}
+    meta.jsonl   {"folderid": "000", "id": "0001", "imgpath": "images/0001.jpg", "metapath": "...",
+                  "txt": "caption", "available_clips": ["BMCA", "BiomedCLIP", "UniMedCLIP"]}
+    features/<folderid>/<id>/clips_project_output.pt   {"BMCA_img": Tensor[512], "BMCA_txt": Tensor[512], ...}
+    features/<folderid>/<id>/clips_output.pt           the same teachers' raw (unprojected) features
 
-Each feature file holds, for every teacher in ``available_clips``, the arrays
-``<Teacher>_img`` and ``<Teacher>_txt`` (cached 512-d features). The file is named by the
-row (``featpath`` / ``feat_path`` / ``feature_path``) or found under the ``features_dir``
-option as ``<image stem>``, ``<id>`` or the row number, with ``.npz`` / ``.pt`` / ``.pth`` /
-``.npy``. Canonical samples reference the arrays, never copy them: ``teacher_features["BiomedCLIP_img"] = "feats/0001.npz#BiomedCLIP_img"``.
-:func:`load_teacher_feature` reads one reference back.
+Each ``.pt`` is a ``torch.save``d dict of 1-D tensors, loaded with ``weights_only=True`` (no
+pickled code runs). The projected features (each teacher's CLIP embedding, 512-d for most
+teachers) are read by default; ``--opt features=raw`` reads ``clips_output.pt`` instead (BMCA
+768-d raw, for instance). Widths may differ between teachers: the distillation learns one
+linear map per teacher from the student's width to that teacher's
+(:mod:`medvl.losses.distill`), and a teacher's width is the most common one over the data —
+a feature of another width is dropped and counted (:func:`medvl.data.pairs.check_teacher_features`).
+The features folder is ``features/`` beside ``meta.jsonl`` unless ``--opt features_dir=DIR`` says.
+
+A flatter layout is read too: a row naming its file (``featpath`` / ``feat_path`` /
+``feature_path``: an ``.npz`` of arrays or a ``.pt`` dict), or a file under ``features_dir``
+named by the image stem, the id or the row number (``.npz`` / ``.pt`` / ``.pth`` / ``.npy``).
+
+Paths follow one rule: a path written in ``meta.jsonl`` is relative to that file; a folder given
+on the command line is relative to the working directory and stored absolute. Canonical
+samples reference the arrays, never copy them: ``teacher_features["BMCA_img"] =
+"features/000/0001/clips_project_output.pt#BMCA_img"``; :func:`load_teacher_feature` reads one
+reference back.
 """
 
 from __future__ import annotations
@@ -26,7 +40,16 @@ from medvl.errors import MedvlUserError
 
 FEATURE_KEYS = ("featpath", "feat_path", "feature_path", "features")
 FEATURE_EXTS = (".npz", ".pt", ".pth", ".npy")
+#: MMKD-CLIP's per-sample files in features/<folderid>/<id>/
+FEATURE_FILES = {"projected": "clips_project_output.pt", "raw": "clips_output.pt"}
 _KNOWN = ("id", "imgpath", "txt", "available_clips") + FEATURE_KEYS
+
+
+def resolve_ref(ref: str, root: Path | None) -> str:
+    """A ``file#key`` reference with its file made relative to ``root`` (the data file's folder)."""
+    file, sep, key = ref.partition("#")
+    p = Path(file)
+    return (str(p if p.is_absolute() or root is None else Path(root) / p)) + sep + key
 
 
 def load_teacher_feature(ref: str, root: Path | None = None) -> np.ndarray:
@@ -55,12 +78,20 @@ class MMKDFormat(Format):
     name = "mmkd-clip"
     description = "MMKD-CLIP meta.jsonl: imgpath, txt, available_clips + per-sample <Teacher>_img/_txt feature files"
     layout = "a meta.jsonl file"
-    read_options = {"features_dir": "folder of per-sample feature files (named by image stem, id or row number)",
-                    "prompt": "user instruction (default 'Describe the image.')"}
+    read_options = {"features_dir": "the features folder (default: features/ beside meta.jsonl): "
+                                    "<folderid>/<id>/clips_project_output.pt, or files named by image stem, id or row",
+                     "features": "projected (clips_project_output.pt, default) or raw (clips_output.pt)",
+                     "prompt": "user instruction (default 'Describe the image.')"}
 
     def read(self, path: Path, **options: Any) -> Conversion:
         rows = load_json_list(path)
-        fdir = options.get("features_dir")
+        base = Path(path).parent
+        kind = options.get("features", "projected")
+        if kind not in FEATURE_FILES:
+            raise MedvlUserError(f"--opt features must be {' or '.join(FEATURE_FILES)}, got {kind!r}")
+        given = options.get("features_dir")
+        # a folder from the command line: relative to the cwd, stored absolute; the default sits beside the file
+        fdir = Path(given).resolve() if given else base / "features"
         prompt = options.get("prompt", "Describe the image.")
         out = Conversion()
         n_nofeat = 0
@@ -77,10 +108,13 @@ class MMKDFormat(Format):
                 out.skip(i, rid, "available_clips is not a list")
                 continue
             fpath = next((r[k] for k in FEATURE_KEYS if isinstance(r.get(k), str)), None)
-            if fpath is None and fdir:  # named by image stem, by the row's id, or by the row number
+            if fpath is None and r.get("folderid") is not None and "id" in r:  # MMKD-CLIP's own layout
+                f = fdir / str(r["folderid"]) / str(r["id"]) / FEATURE_FILES[kind]
+                fpath = self._stored(f, base, given) if f.exists() else None
+            if fpath is None and fdir.is_dir():  # named by image stem, by the row's id, or by the row number
                 names = [Path(r["imgpath"]).stem, str(rid), f"{i:06d}", str(i)]
-                fpath = next((str(Path(fdir) / (n + e)) for n in names for e in FEATURE_EXTS
-                              if (Path(fdir) / (n + e)).exists()), None)
+                fpath = next((self._stored(fdir / (n + e), base, given) for n in names for e in FEATURE_EXTS
+                              if (fdir / (n + e)).exists()), None)
             tf: dict[str, str] = {}
             if fpath:
                 for t in clips:
@@ -100,9 +134,16 @@ class MMKDFormat(Format):
                 conversation=[Turn("user", "<image>\n" + prompt), Turn("assistant", str(r["txt"]))],
                 teacher_features=tf, meta=meta))
         if n_nofeat:
-            out.notes.append(f"{n_nofeat} record(s) list teachers but no feature file was found "
-                             "(set --opt features_dir=DIR)")
+            out.notes.append(f"{n_nofeat} record(s) list teachers but no feature file was found under {fdir} "
+                             f"(looked for <folderid>/<id>/{FEATURE_FILES[kind]} and files named by image stem / id; "
+                             "set --opt features_dir=DIR)")
         return out
+
+    @staticmethod
+    def _stored(f: Path, base: Path, given: str | None) -> str:
+        """How a found feature file is written in the sample: relative to the data file when it lies
+        under the default folder beside it, absolute when the folder came from the command line."""
+        return str(f) if given else f.relative_to(base).as_posix()
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
         out = Conversion()
