@@ -35,11 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--opt", "--read-opt", dest="read_opt", action="append", default=[], metavar="KEY=VALUE",
                    help="reader option (see `medvl data formats -v`); repeatable")
     c.add_argument("--write-opt", action="append", default=[], metavar="KEY=VALUE", help="writer option")
-    c.add_argument("--image-root", help="folder prefixed to relative image paths in the output")
+    c.add_argument("--image-root", help="folder the input's relative image paths resolve against (default: the "
+                                        "input's folder); the output's paths are written relative to the output")
     c.add_argument("--keep-invalid", action="store_true",
                    help="write records that fail validation instead of skipping them")
     c.add_argument("--skipped", metavar="FILE", help="write every skipped record (index, id, reason) as JSONL")
     c.add_argument("--strict", action="store_true", help="exit with code 2 if any record was skipped")
+    c.add_argument("--dataset", help="the entry of a LLaMA-Factory dataset_info.json to read (--from sharegpt)")
     c.set_defaults(func=cmd_convert)
 
     v = dsub.add_parser("validate", help="check a dataset and report every problem")
@@ -47,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--format", default="medvl", help="format of FILE (default: medvl canonical JSONL)")
     v.add_argument("--opt", dest="read_opt", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--image-root", help="folder relative image paths resolve against (default: FILE's folder)")
+    v.add_argument("--dataset", help="the entry of a LLaMA-Factory dataset_info.json to check")
     v.add_argument("--no-files", action="store_true", help="do not check that image files exist")
     v.add_argument("--decode", action="store_true", help="also decode every image (finds corrupt files)")
     v.add_argument("--max-problems", type=int, default=50, help="problems printed (all are counted)")
@@ -93,11 +96,32 @@ def print_skips(conv: Conversion, what: str, examples: int = 3) -> None:
         print(f"    {n:>7,} × {reason}   e.g. {ids}")
 
 
-def _prefix_root(samples: list[Sample], root: str) -> None:
+def input_base(path: str | Path, image_root: str | None = None) -> Path:
+    """The folder a data file's relative paths resolve against: ``--image-root`` when given (relative to the
+    working directory), else the folder the file lies in (a folder input: the folder itself)."""
+    if image_root:
+        return Path(image_root).resolve()
+    p = Path(path).resolve()
+    return p if p.is_dir() else p.parent
+
+
+def resolve_images(samples: list[Sample], base: Path) -> None:
+    """Make every relative image path absolute against ``base``."""
     for s in samples:
         for m in s.images:
             if m.path and not Path(m.path).is_absolute():
-                m.path = str(Path(root) / m.path)
+                m.path = str(base / m.path)
+
+
+def _rebase(samples: list[Sample], base: Path, out_dir: Path) -> None:
+    """Rewrite image paths so the output file resolves them from where it lies: each path, read relative
+    to the input (``base``), is written relative to the output's folder; one rule for every command."""
+    import os
+    for s in samples:
+        for m in s.images:
+            if m.path:
+                target = Path(m.path) if Path(m.path).is_absolute() else base / m.path
+                m.path = Path(os.path.relpath(target, out_dir)).as_posix()
 
 
 def _progress(it, total: int, desc: str):
@@ -124,6 +148,7 @@ def cmd_formats(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     read_opts, write_opts = parse_kv(args.read_opt), parse_kv(args.write_opt)
+    args.src, read_opts = dataset_info_defaults(args.input, args.src, read_opts, args.dataset)
     dst = get_format(args.dst)
     dst.check_options(write_opts, "write")
     conv, _ = read_any(args.input, args.src, read_opts)
@@ -132,11 +157,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for note in conv.notes:
         print(f"  note: {note}")
     print_skips(conv, "read")
-    if args.image_root:
-        _prefix_root(conv.samples, args.image_root)
+    out_dir = Path(args.output).resolve() if dst.writes_folder else Path(args.output).resolve().parent
+    _rebase(conv.samples, input_base(args.input, args.image_root), out_dir)
     samples = conv.samples
     if not args.keep_invalid:
-        bad = {p.index: p for p in validate(samples)}
+        bad = {p.index: p for p in validate(samples)}  # structure only: files are checked by `data validate`
         if bad:
             keep = []
             for i, s in enumerate(samples):
@@ -163,6 +188,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if all_skipped and args.strict:
         print(f"medvl: error: {len(all_skipped)} record(s) skipped (--strict)", file=sys.stderr)
         return 2
+    if n_read and not wconv.written:  # every record lost: never a success, whatever --strict says
+        print(f"medvl: error: none of the {n_read:,} record(s) read from {args.input} was written "
+              f"({len(all_skipped):,} skipped, reasons above); check --from and the options", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -178,8 +207,9 @@ def collect_problems(path: str, fmt: str, read_opts: dict, *, image_root: str | 
         samples = conv.samples
         lines += [f"record {s.index}" + (f" (id={s.id!r})" if s.id is not None else "") + f": {s.reason}"
                   for s in conv.skipped]
-    root = Path(image_root) if image_root else Path(path).resolve().parent
-    problems: list[Problem] = validate(samples, image_root=root, check_files=check_files)
+    root = input_base(path, image_root)
+    problems: list[Problem] = validate(samples, image_root=root, check_files=check_files,
+                                       data_root=Path(path).resolve().parent)
     lines += [str(p) for p in problems]
     if decode:
         from medvl.data.imageio import load_medical
@@ -203,8 +233,18 @@ def collect_problems(path: str, fmt: str, read_opts: dict, *, image_root: str | 
     return samples, lines
 
 
+def dataset_info_defaults(path: str, fmt: str | None, read_opts: dict, dataset: str | None) -> tuple[str | None, dict]:
+    """LLaMA-Factory's dataset_info.json is read as ShareGPT (its entry named by ``--dataset``)."""
+    if dataset:
+        read_opts = {**read_opts, "dataset": dataset}
+    if Path(path).name == "dataset_info.json" and fmt in (None, "medvl"):
+        fmt = "sharegpt"
+    return fmt, read_opts
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    samples, lines = collect_problems(args.file, args.format, parse_kv(args.read_opt),
+    args.format, opts = dataset_info_defaults(args.file, args.format, parse_kv(args.read_opt), args.dataset)
+    samples, lines = collect_problems(args.file, args.format, opts,
                                       image_root=args.image_root, check_files=not args.no_files,
                                       decode=args.decode)
     n_img = sum(len(s.images) for s in samples)
@@ -221,7 +261,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 2
 
 
-def load_for_stats(name: str, fmt: str | None, read_opts: dict) -> list[Sample]:
+def load_for_stats(name: str, fmt: str | None, read_opts: dict, image_root: str | None = None) -> list[Sample]:
+    """Samples of a bundled split or a file in any format, image paths made absolute (against
+    ``image_root`` or the file's folder), as training and `data validate` resolve them."""
     from medvl.data.bundled import BUNDLED, bundled_split, load_bundled
 
     if (named := bundled_split(name)) is not None:
@@ -234,10 +276,12 @@ def load_for_stats(name: str, fmt: str | None, read_opts: dict) -> list[Sample]:
         if errors:
             raise MedvlUserError(f"{errors[0][1]} (run `medvl data validate` for all problems)",
                                  path=name, record=f"at line {errors[0][0]}")
-        return samples
-    conv, _ = read_any(name, fmt, read_opts)
-    print_skips(conv, "read")
-    return conv.samples
+    else:
+        conv, _ = read_any(name, fmt, read_opts)
+        print_skips(conv, "read")
+        samples = conv.samples
+    resolve_images(samples, input_base(name, image_root))
+    return samples
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

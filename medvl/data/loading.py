@@ -122,7 +122,10 @@ def _load_one(data: dict):
     name, _, split = path.partition("/")
     if not Path(path).exists() and name in BUNDLED:
         return load_bundled(name, split or "train"), {}
-    fmt = get_format(data.get("format", "medvl"))
+    fname = data.get("format", "medvl")
+    if Path(path).name == "dataset_info.json" and fname == "medvl":  # LLaMA-Factory's index of ShareGPT files
+        fname = "sharegpt"
+    fmt = get_format(fname)
     opts = data.get("options") or {}
     fmt.check_options(opts, "read")
     conv = fmt.read(Path(path), **opts)

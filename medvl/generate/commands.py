@@ -12,7 +12,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="answer every question of a dataset with a VLM (resumable)")
     p.add_argument("--model", default=DEFAULT_VLM, help=f"a VLM folder or shipped name (default {DEFAULT_VLM})")
     p.add_argument("--data", required=True, help="dataset file, or a bundled name (vqa-rad/test)")
-    p.add_argument("--format", default="medvl")
+    p.add_argument("--format", default="medvl", help="format of --data (any of `medvl data formats`)")
+    p.add_argument("--opt", dest="read_opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="reader option, as for `medvl data convert`")
+    p.add_argument("--image-root", help="folder relative image paths resolve against (default: the data file's)")
     p.add_argument("--out", required=True, help="predictions JSONL; existing ids are kept and skipped")
     p.add_argument("--pred-format", choices=["medvl", "llava-med"], default="medvl",
                    help="medvl: {id, question, prediction}; llava-med: LLaVA-Med's answer file "
@@ -77,7 +80,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medvl.data.commands import load_for_stats
     from medvl.generate.pipeline import load
 
-    samples = load_for_stats(args.data, args.format, {})
+    from medvl.data.commands import parse_kv
+    samples = load_for_stats(args.data, args.format, parse_kv(args.read_opt), image_root=args.image_root)
     if args.image_control:
         from medvl.data.controls import image_control
         samples = image_control(samples, args.image_control, seed=args.seed)

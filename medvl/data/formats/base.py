@@ -60,6 +60,8 @@ class Format(abc.ABC):
     layout: ClassVar[str] = ""
     read_options: ClassVar[dict[str, str]] = {}
     write_options: ClassVar[dict[str, str]] = {}
+    #: OUT is a folder (a dataset root) rather than a file: paths written are relative to it
+    writes_folder: ClassVar[bool] = False
 
     @abc.abstractmethod
     def read(self, path: Path, **options: Any) -> Conversion:

@@ -36,6 +36,7 @@ class IUXrayFormat(Format):
     name = "iu-xray"
     description = "IU X-ray / Open-i: indiana_reports.csv (findings, impression, MeSH, Problems) + indiana_projections.csv"
     layout = "the folder holding indiana_reports.csv and indiana_projections.csv"
+    writes_folder = True
     read_options = {"unit": "study (default) or image", "views": "Frontal (default), Lateral or all",
                     "section": "findings (default), impression or both",
                     "image_dir": "folder prefixed to filenames (default: images/images_normalized if present)",

@@ -49,6 +49,7 @@ class MimicCXRFormat(Format):
     name = "mimic-cxr"
     description = "MIMIC-CXR(-JPG): metadata CSV + free-text reports; findings/impression extracted"
     layout = "the dataset root folder (or its mimic-cxr-2.0.0-metadata.csv)"
+    writes_folder = True
     read_options = {
         "unit": "study (default) or image", "views": "comma list of ViewPosition to keep (default PA,AP) or all",
         "section": "findings (default), impression or both", "split": "keep one split (train, validate, test)",

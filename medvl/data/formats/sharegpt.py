@@ -10,7 +10,10 @@ A ``system`` message may come first (or a separate ``system`` column, which the 
 also accepts). The classic ``conversations`` / ``from`` / ``value`` spelling is read too.
 Writing also writes (or updates) ``dataset_info.json`` beside the output file, with an
 entry that tells LLaMA-Factory the column and role names, so the file can be used with
-``dataset: <name>`` directly. LLaMA-Factory requires as many ``<image>`` tags as images,
+``dataset: <name>`` directly. Reading takes ``dataset_info.json`` itself too, as LLaMA-Factory
+does: ``--opt dataset=NAME`` picks the entry (the only one needs no name), whose ``file_name``
+is read from the same folder with the entry's ``columns`` (messages / images / system) and
+``tags`` (role_tag, content_tag, user_tag, assistant_tag, system_tag). LLaMA-Factory requires as many ``<image>`` tags as images,
 which canonical samples guarantee.
 """
 
@@ -30,31 +33,67 @@ from medvl.errors import MedvlUserError
 _KNOWN = ("id", "messages", "conversations", "images", "system")
 
 
-def _parse_messages(msgs: Any) -> list[Turn]:
+def _parse_messages(msgs: Any, tags: dict | None = None) -> list[Turn]:
+    tags = tags or {}
+    rk, ck = tags.get("role_tag", "role"), tags.get("content_tag", "content")
+    roles = dict(FROM_TO_ROLE)
+    roles.update({str(tags[k]).lower(): r for k, r in (("user_tag", "user"), ("assistant_tag", "assistant"),
+                                                       ("system_tag", "system")) if k in tags})
     if not isinstance(msgs, list) or not msgs:
         raise RecordError("'messages' missing or empty")
     turns = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RecordError(f"message {i} lacks 'role'/'content'")
-        role = FROM_TO_ROLE.get(str(m["role"]).lower())
+        if not isinstance(m, dict) or rk not in m or ck not in m:
+            raise RecordError(f"message {i} lacks {rk!r}/{ck!r}")
+        role = roles.get(str(m[rk]).lower())
         if role is None:
-            raise RecordError(f"message {i}: unknown role {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise RecordError(f"message {i}: 'content' is not a string")
-        turns.append(Turn(role, m["content"]))
+            raise RecordError(f"message {i}: unknown role {m[rk]!r}")
+        if not isinstance(m[ck], str):
+            raise RecordError(f"message {i}: {ck!r} is not a string")
+        turns.append(Turn(role, m[ck]))
     return turns
+
+
+def dataset_info_entry(path: Path, name: str | None) -> tuple[Path, dict, dict]:
+    """(the data file, its columns, its tags) from a LLaMA-Factory ``dataset_info.json``."""
+    from medvl.data.formats.base import load_json
+    info = load_json(path)
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise MedvlUserError("not a dataset_info.json (an object of dataset entries)", path=path)
+    if name is None:
+        if len(info) != 1:
+            raise MedvlUserError(f"dataset_info.json lists {len(info)} datasets ({', '.join(list(info)[:8])}); "
+                                 "pick one with --dataset NAME (or --opt dataset=NAME)", path=path)
+        name = next(iter(info))
+    if name not in info:
+        raise MedvlUserError(f"no dataset {name!r} in dataset_info.json (it lists {', '.join(list(info)[:8])})",
+                             path=path)
+    entry = info[name]
+    if entry.get("formatting", "alpaca") != "sharegpt":
+        raise MedvlUserError(f"dataset {name!r} is formatted {entry.get('formatting', 'alpaca')!r}; medvl reads "
+                             "LLaMA-Factory's sharegpt entries", path=path)
+    if not entry.get("file_name"):
+        raise MedvlUserError(f"dataset {name!r} names no local file_name (hub datasets are not read)", path=path)
+    return path.parent / entry["file_name"], entry.get("columns") or {}, entry.get("tags") or {}
 
 
 class ShareGPTFormat(Format):
     name = "sharegpt"
     description = "ShareGPT for LLaMA-Factory: {messages[{role, content}], images}; writes dataset_info.json"
     layout = "a .json file; dataset_info.json is written beside it"
-    read_options = {"image_dir": "folder prefixed to relative image paths"}
+    read_options = {"image_dir": "folder prefixed to relative image paths",
+                    "dataset": "the entry to read when IN is LLaMA-Factory's dataset_info.json"}
     write_options = {"dataset_name": "entry name in dataset_info.json (default: output file stem)",
                      "box_style": "syntax for boxes (default: the source's, else qwen2vl)"}
 
     def read(self, path: Path, **options: Any) -> Conversion:
+        columns: dict = {}
+        tags: dict = {}
+        if Path(path).name == "dataset_info.json" or options.get("dataset"):
+            info = Path(path) if Path(path).name == "dataset_info.json" else Path(path).parent / "dataset_info.json"
+            path, columns, tags = dataset_info_entry(info, options.get("dataset"))
+            # image paths stay relative to the dataset_info.json folder (LLaMA-Factory's dataset_dir)
+        mcol, icol, scol = columns.get("messages"), columns.get("images", "images"), columns.get("system", "system")
         rows = load_json_list(path)
         out = Conversion()
         image_dir = options.get("image_dir")
@@ -63,17 +102,20 @@ class ShareGPTFormat(Format):
             try:
                 if not isinstance(r, dict):
                     raise RecordError("record is not a JSON object")
-                turns = (_parse_messages(r["messages"]) if "messages" in r
-                         else parse_from_value(r.get("conversations")))
-                if isinstance(r.get("system"), str) and r["system"]:
-                    turns.insert(0, Turn("system", r["system"]))
-                paths, _ = as_path_list(r.get("images"))
+                if mcol:  # a dataset_info entry's column and tag names
+                    turns = _parse_messages(r.get(mcol), tags)
+                else:
+                    turns = (_parse_messages(r["messages"]) if "messages" in r
+                             else parse_from_value(r.get("conversations")))
+                if isinstance(r.get(scol), str) and r[scol]:
+                    turns.insert(0, Turn("system", r[scol]))
+                paths, _ = as_path_list(r.get(icol))
                 inserted = insert_missing_placeholders(turns, len(paths))
             except RecordError as e:
                 out.skip(i, rid, str(e))
                 continue
             meta: dict[str, Any] = {"source": "sharegpt"}
-            extra = {k: v for k, v in r.items() if k not in _KNOWN}
+            extra = {k: v for k, v in r.items() if k not in _KNOWN + (mcol, icol, scol)}
             if extra:
                 meta["extra"] = extra
             if inserted:
