@@ -101,7 +101,7 @@ def test_vocabulary_sizes_handled_explicitly():
         LogitKDLoss().kd(s, t)
     got = LogitKDLoss(vocab="common").kd(s, t)
     assert torch.allclose(got, LogitKDLoss().kd(s, t[:, :10]))
-    with pytest.raises(MedvlUserError, match="not the same tokenizer"):
+    with pytest.raises(MedvlUserError, match="vocab: common"):
         LogitKDLoss().kd(s, TopK(torch.randn(2, 2), torch.tensor([[0, 11], [1, 2]])))
     with pytest.raises(MedvlUserError, match="number of answer tokens"):
         LogitKDLoss()(s, t[:1, :10], torch.tensor([0, 1]))
@@ -115,3 +115,24 @@ def test_topk_restricted_kl_approaches_full_kl_as_k_grows():
     full = float(LogitKDLoss().kd(s, t))
     errs = [abs(float(LogitKDLoss().kd(s, topk_of(t, k))) - full) for k in (5, 20, 50)]
     assert errs[2] < 1e-3 and errs[0] > errs[2]
+
+
+def test_cached_teacher_padding_ids_are_left_out_as_the_live_teacher_does():
+    """vocab: common — a live teacher's columns past the student's vocabulary are cut; a cached top-k
+    teacher's ids there were refused. Now both give the same loss."""
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 10), torch.randn(3, 12)
+    t[:, 10:] += 5.0  # padding rows rank in the teacher's top-k
+    k = 6
+    cached = topk_of(t, k)
+    assert bool((cached.indices >= 10).any())
+    kd = LogitKDLoss(vocab="common")
+    got = kd.kd(s, cached)
+    # reference: the top-k support without the padding ids, renormalised on both sides
+    ref = []
+    for r in range(3):
+        keep = [int(i) for i in cached.indices[r] if int(i) < 10]
+        tl = torch.log_softmax(cached.values[r].float()[[j for j, i in enumerate(cached.indices[r]) if int(i) < 10]], -1)
+        sl = torch.log_softmax(s[r, keep], -1)
+        ref.append((tl.exp() * (tl - sl)).sum())
+    assert torch.allclose(got, torch.stack(ref).mean(), atol=1e-5)

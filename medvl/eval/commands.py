@@ -29,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             sp.add_argument("--id-key", help="id column (default: id, qid, study_id, ...)")
             sp.add_argument("--pred-key", help="prediction text column (default: prediction, pred, answer, ...)")
             sp.add_argument("--ref-key", help="reference text column (default: reference, answer, report, ...)")
+            sp.add_argument("--ref-format", help="read --ref with a data format's reader (medm-vl, llava, slake, ...; "
+                                                 "see `medvl data formats`): the last answer is the reference")
+            sp.add_argument("--ref-opt", action="append", default=[], metavar="KEY=VALUE",
+                            help="reader option for --ref-format")
             sp.add_argument("--allow-missing", action="store_true",
                             help="score the ids present on both sides; report the others")
             sp.add_argument("--join", choices=["id", "question"], default="id",
@@ -87,8 +91,13 @@ def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = Non
 
     preds = read_records(args.pred, text_key=args.pred_key, id_key=args.id_key, candidates=PRED_KEYS)
     args.ref = _bundled_or_path(args.ref)
-    refs = read_records(args.ref, text_key=args.ref_key, id_key=args.id_key,
-                        candidates=ref_candidates or REF_KEYS)
+    if getattr(args, "ref_format", None):
+        from medvl.data.commands import parse_kv
+        from medvl.eval.files import records_from_format
+        refs = records_from_format(args.ref, args.ref_format, parse_kv(args.ref_opt))
+    else:
+        refs = read_records(args.ref, text_key=args.ref_key, id_key=args.id_key,
+                            candidates=ref_candidates or REF_KEYS)
     j = join(preds, refs, allow_missing=args.allow_missing, pred_path=args.pred, ref_path=args.ref, by=args.join)
     from medvl.eval.files import drop_empty_references
     j.skipped_empty = drop_empty_references(j, args.empty_refs, args.ref)
@@ -104,6 +113,8 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], joined=None) -> in
         result["join"] = {"by": joined.by, "questions_agreeing": joined.questions_checked,
                           "matched_by_order": joined.matched_by_order}
         result["empty"] = {"references_skipped": skipped, "predictions_scored_empty": empty_preds}
+        if joined.by == "position":
+            print(f"note: the predictions are a list of answers without ids, paired with the references by position")
         if joined.by == "question":
             print(f"note: joined {len(joined.ids)} pair(s) by question text ({joined.matched_by_order} of a repeated "
                   "question matched in file order)")
@@ -212,26 +223,41 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_grounding(args: argparse.Namespace) -> int:
+    """Scores the records whose reference holds a box; the others of a mixed file (VQA questions beside
+    grounding ones, as in Med-GRIT / ClinKD data) are left out and counted, not refused."""
+    from medvl.eval.classification import parse_boxes_from_text
     from medvl.eval.suites import evaluate_grounding
 
     j = _load(args, ref_candidates=("box", "bbox", "reference", "answer", "text"))
-    ref_boxes, mods = [], []
-    for r in j.refs:
+    ref_boxes, mods, keep, not_grounding = [], [], [], []
+    for k, r in enumerate(j.refs):
         boxes = r.extra.get("boxes")
         if boxes:
             ref_boxes.append(boxes[0]["bbox"])
             imgs = r.extra.get("images") or [{}]
             mods.append((imgs[0] or {}).get("modality"))
+            keep.append(k)
             continue
         box = r.text if isinstance(r.text, list) else None
         if box is None:
-            from medvl.eval.classification import parse_boxes_from_text
             found = parse_boxes_from_text(str(r.text))
             box = found[0] if found else None
         if box is None or len(box) != 4:
-            raise MedvlUserError(f"reference {r.id!r} has no box", path=args.ref)
-        ref_boxes.append([float(v) for v in box])
+            not_grounding.append(r.id)
+            continue
+        try:
+            ref_boxes.append([float(v) for v in box])
+        except (TypeError, ValueError):
+            raise MedvlUserError(f"reference {r.id!r}: box {box!r} is not 4 numbers", path=args.ref) from None
         mods.append(r.extra.get("modality"))
-    preds = [p.text for p in j.preds]
-    res = evaluate_grounding(ref_boxes, preds, mods, args.threshold)
+        keep.append(k)
+    if not keep:
+        raise MedvlUserError(f"no reference holds a box ({len(j.refs)} record(s) read): not a grounding file",
+                             path=args.ref)
+    if not_grounding:
+        print(f"note: {len(not_grounding)} of {len(j.refs)} record(s) have no reference box (not grounding "
+              "questions) and are left out (listed in the result)")
+    j.ids, j.preds, j.refs = [j.ids[k] for k in keep], [j.preds[k] for k in keep], [j.refs[k] for k in keep]
+    res = evaluate_grounding(ref_boxes, [p.text for p in j.preds], mods, args.threshold)
+    res["not_grounding"] = not_grounding
     return _finish(args, res, j)

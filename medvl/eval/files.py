@@ -91,8 +91,10 @@ def read_records(path: str | Path, *, text_key: str | None = None, id_key: str |
     if not rows:
         raise MedvlUserError("file holds no records", path=path)
     first = rows[0][1]
+    if all(isinstance(r, str) for _, r in rows):  # MedM-VL's inference output: a JSON list of answers, in order
+        return [Record(f"#{k}", r, {"positional": True}) for k, (_, r) in enumerate(rows)]
     if not isinstance(first, dict):
-        raise MedvlUserError("records must be JSON objects / CSV rows", path=path)
+        raise MedvlUserError("records must be JSON objects / CSV rows (or a JSON list of answer strings)", path=path)
     canonical = "conversation" in first
     ikey = id_key or next((k for k in ID_KEYS if k in first), None)
     if ikey is None:
@@ -140,6 +142,28 @@ def read_records(path: str | Path, *, text_key: str | None = None, id_key: str |
 QUESTION_KEYS = ("question", "prompt", "query", "instruction")
 
 
+def records_from_format(path: str | Path, fmt: str, options: dict | None = None) -> list[Record]:
+    """References read through a data format's reader (``--ref-format medm-vl``, ``slake``, ``llava`` ...):
+    the last assistant turn is the reference, the user turn before it the question."""
+    from medvl.data.formats import get_format
+    f = get_format(fmt)
+    f.check_options(options or {}, "read")
+    conv = f.read(Path(path), **(options or {}))
+    out = []
+    for s in conv.samples:
+        answers = [k for k, t in enumerate(s.conversation) if t.role == "assistant"]
+        if not answers:
+            raise MedvlUserError(f"id {s.id!r}: no assistant turn to use as reference", path=path)
+        asked = [t.text for t in s.conversation[:answers[-1]] if t.role == "user"]
+        out.append(Record(str(s.id), s.conversation[answers[-1]].text,
+                          {"labels": s.labels, "boxes": [b.to_dict() for b in s.boxes],
+                           "images": [m.to_dict() for m in s.images], "question": asked[-1] if asked else None}))
+    if conv.skipped:
+        raise MedvlUserError(f"{len(conv.skipped)} reference record(s) could not be read (e.g. #{conv.skipped[0].index}:"
+                             f" {conv.skipped[0].reason})", path=path)
+    return out
+
+
 def question_of(rec: Record) -> str | None:
     """The record's question, normalised for comparison (lower case, ``<image>`` and extra spaces
     removed), or None when the file does not carry one."""
@@ -172,6 +196,11 @@ class Joined:
 
 def join(preds: list[Record], refs: list[Record], *, allow_missing: bool = False,
          pred_path: str = "predictions", ref_path: str = "references", by: str = "id") -> Joined:
+    if preds and all(p.extra.get("positional") for p in preds):  # a bare list of answers: pair by position
+        if len(preds) != len(refs):
+            raise MedvlUserError(f"{pred_path} is a list of {len(preds)} answers without ids, paired with "
+                                 f"{ref_path} by position, but that holds {len(refs)} records")
+        return Joined([r.id for r in refs], list(preds), list(refs), [], [], "position")
     if by == "question":
         return _join_by_question(preds, refs, allow_missing=allow_missing, pred_path=pred_path, ref_path=ref_path)
     if by != "id":

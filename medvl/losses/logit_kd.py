@@ -21,6 +21,9 @@ temperature T = 0.5 in its published settings. Design choices:
   differ (a padded embedding table, e.g. Qwen2-VL-2B 151,936 vs 7B 152,064 rows over one
   tokenizer), ``vocab="common"`` compares the first min(V_s, V_t) ids; the default
   ``"error"`` refuses, since silently truncating two different tokenizers is meaningless.
+  A cached top-k teacher is treated the same way: with ``vocab="common"`` its ids at or above
+  the student's vocabulary (padding rows) are dropped from the support, as the live teacher's
+  columns beyond min(V_s, V_t) are.
 * **Top-k teacher logits** (:class:`TopK`): a cached teacher keeps its k largest logits per
   position. The divergence is then computed on that support, with both distributions
   renormalised over the k ids. This drops the teacher's tail; the dropped mass is reported
@@ -84,11 +87,23 @@ class LogitKDLoss(torch.nn.Module):
         student = student.float()
         teacher = TopK(teacher.values.detach(), teacher.indices) if isinstance(teacher, TopK) else teacher.detach()
         if isinstance(teacher, TopK):
-            if teacher.indices.max() >= student.shape[-1]:
-                raise MedvlUserError("cached teacher token ids exceed the student's vocabulary "
-                                     f"({int(teacher.indices.max())} >= {student.shape[-1]}): not the same tokenizer")
+            vs = student.shape[-1]
+            idx = teacher.indices.long()  # [N, k]
             t_full = teacher.values.float() / self.T
-            s_logp = F.log_softmax(student.gather(-1, teacher.indices.long()) / self.T, dim=-1)  # [N, k]
+            s_top = student.gather(-1, idx.clamp(max=vs - 1)) / self.T  # [N, k]
+            beyond = idx >= vs
+            if bool(beyond.any()):
+                if self.vocab == "error":
+                    raise MedvlUserError("cached teacher token ids exceed the student's vocabulary "
+                                         f"({int(idx.max())} >= {vs}): with one tokenizer and padded embedding "
+                                         "tables set vocab: common (those padding ids are left out, as for a live "
+                                         "teacher); different tokenizers cannot be distilled by logits")
+                if bool(beyond.all(-1).any()):
+                    raise MedvlUserError("a cached teacher row has all its top-k ids beyond the student's vocabulary")
+                # padding rows leave the support: a large negative logit on both sides gives them ~0 mass
+                t_full = t_full.masked_fill(beyond, -1e4)
+                s_top = s_top.masked_fill(beyond, -1e4)
+            s_logp = F.log_softmax(s_top, dim=-1)  # [N, k]
             t_logp = F.log_softmax(t_full, dim=-1)
         else:
             vs, vt = student.shape[-1], teacher.shape[-1]
