@@ -44,14 +44,14 @@ def check_frozen_random(policy: dict[str, str], random_parts: set[str], allowed:
     """Refuse to freeze a module that was never trained: a frozen random LM (or tower) stays noise for the
     whole run and the loss only teaches the other parts to work around it — nothing says so in the
     numbers. ``allow_frozen_random: true`` lets a recipe do it on purpose (a smoke test, an ablation)."""
-    frozen = sorted(m for m in random_parts if policy.get(m) == "frozen")
+    frozen = sorted(m for m in random_parts if policy.get(m) in ("frozen", "lora"))  # LoRA freezes the base too
     if not frozen or allowed:
         return
     hints = {"llm": "give a pretrained LM (llm.source=smollm2-135m-instruct, or a hub id / folder)",
              "vision": "give a pretrained tower (vision.source=...)",
              "connector": "start it from a trained VLM (init_connector=...)"}
     what = " and ".join(frozen)
-    raise MedvlUserError(f"this recipe freezes the {what}, which would start from random weights and stay random; "
+    raise MedvlUserError(f"this recipe freezes the {what} (frozen or LoRA), which would start from random weights and stay random; "
                          f"{'; '.join(hints[m] for m in frozen)}, start from a trained VLM (init_from=...), train "
                          f"it (freeze.{frozen[0]}=full), or set allow_frozen_random=true if this is intended")
 

@@ -23,7 +23,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list
+from medvl.data.boxes import BoxSyntaxError, parse_boxes
+from medvl.data.boxes import BoxSyntaxError, parse_boxes
+from medvl.data.formats.base import Conversion, Format, dump_json, load_json, load_json_list
 from medvl.data.formats.llava import (FROM_TO_ROLE, RecordError, as_path_list,
                                       insert_missing_placeholders, parse_from_value,
                                       writable_turns)
@@ -56,7 +58,6 @@ def _parse_messages(msgs: Any, tags: dict | None = None) -> list[Turn]:
 
 def dataset_info_entry(path: Path, name: str | None) -> tuple[Path, dict, dict]:
     """(the data file, its columns, its tags) from a LLaMA-Factory ``dataset_info.json``."""
-    from medvl.data.formats.base import load_json
     info = load_json(path)
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
         raise MedvlUserError("not a dataset_info.json (an object of dataset entries)", path=path)
@@ -111,7 +112,8 @@ class ShareGPTFormat(Format):
                     turns.insert(0, Turn("system", r[scol]))
                 paths, _ = as_path_list(r.get(icol))
                 inserted = insert_missing_placeholders(turns, len(paths))
-            except RecordError as e:
+                turns, boxes, style = parse_boxes(turns)  # Qwen2-VL / Qwen-VL / Med-GRIT boxes -> structured
+            except (RecordError, BoxSyntaxError) as e:
                 out.skip(i, rid, str(e))
                 continue
             meta: dict[str, Any] = {"source": "sharegpt"}
@@ -120,10 +122,12 @@ class ShareGPTFormat(Format):
                 meta["extra"] = extra
             if inserted:
                 meta["placeholders_inserted"] = True
+            if style:
+                meta["box_style"] = style
             if "system" in r:
                 meta["system_column"] = True
             images = [Media(path=p if not image_dir else str(Path(image_dir) / p)) for p in paths]
-            out.samples.append(Sample(id=str(rid), images=images, conversation=turns, meta=meta))
+            out.samples.append(Sample(id=str(rid), images=images, conversation=turns, boxes=boxes, meta=meta))
         return out
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
