@@ -6,56 +6,23 @@ import torch
 from medvl.data.bundled import load_bundled
 from medvl.models.native import NativeVLM
 from medvl.train.vlm import train_native
-from medvl.models.tokenizers import build_bpe_tokenizer
 
 pytest.importorskip("torchvision")
 
 
 def _tok():
-    texts = [t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation]
-    return build_bpe_tokenizer(texts, vocab_size=400)
+    from medvl.models.tiny_native import _tokenizer
+    return _tokenizer()
 
 
 def tiny_llava():
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              Qwen2Config, SiglipVisionConfig)
-    tok = _tok()
-    img = tok.convert_tokens_to_ids("<image>")
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                       num_attention_heads=2, image_size=32, patch_size=8),
-                      text_config=Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                              pad_token_id=tok.pad_token_id),
-                      image_token_id=img, vision_feature_select_strategy="full", vision_feature_layer=-1)
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="full",
-                          num_additional_image_tokens=0, chat_template=tok.chat_template)
-    return NativeVLM(LlavaForConditionalGeneration(cfg).eval(), proc)
+    from medvl.models.tiny_native import tiny_llava as build
+    return build()
 
 
 def tiny_qwen2vl(width: int = 64, seed: int = 0):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
-    tok = _tok()
-    tok.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    torch.manual_seed(seed)
-    half = width // 8  # head_dim / 2 with 4 heads: the rotary sections must sum to it
-    mrope = [2, 3, 3] if width == 64 else [half - 2 * (half // 3), half // 3, half // 3]
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=width, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
-    from transformers import Qwen2VLVideoProcessor
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template=tok.chat_template)
-    return NativeVLM(Qwen2VLForConditionalGeneration(cfg).eval(), proc)
+    from medvl.models.tiny_native import tiny_qwen2vl as build
+    return build(width, seed)
 
 
 @pytest.mark.parametrize("build", [tiny_llava, tiny_qwen2vl], ids=["llava", "qwen2-vl"])

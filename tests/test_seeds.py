@@ -261,3 +261,22 @@ def test_mimic_report_workflow_with_llava_med_answers(tmp_path, monkeypatch, cap
     assert code == 0, out + err
     res = json.loads(Path("r.json").read_text())
     assert res["join"]["questions_agreeing"] == res["n"] > 0
+
+
+def test_clinkd_native_qwen2vl_distill_and_reflect_offline(tmp_path, monkeypatch, capsys):
+    """ClinKD's recipe on a tiny Qwen2-VL made offline (`medvl lm tiny-vlm`): logit KD from a teacher, the
+    modality gap, LLaMA-Factory data with Qwen2-VL boxes, then a reflective-correction round."""
+    info = llamafactory_tree(tmp_path / "data")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    code, out, err = run(capsys, "lm", "tiny-vlm", "qwen2-vl", "q2")
+    assert code == 0, out + err
+    code, out, err = run(capsys, "train", RECIPES / "clinkd-qwen2vl.yaml", "native=q2", "distill.teacher=q2",
+                         f"data.path={info}", "data.options={dataset: mllm_med}", "precision=fp32", "max_steps=2",
+                         "batch_size=2", "grad_accum=1", "max_length=512", "warmup_steps=1", "log_every=1",
+                         "output_dir=run", "reflect.rounds=1")
+    assert code == 0 and "reflect round 1" in out, out + err
+    log = jl_rows(Path("run/round0/metrics.jsonl"))
+    assert {"kd", "ce"} <= set(log[-1])  # the distillation loss ran
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained("run/round1/model").medvl_position_gap == 1

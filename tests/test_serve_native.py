@@ -101,28 +101,8 @@ def test_medvl_serve_answers_chat_with_a_native_qwen2vl(qwen_dir):
 
 def tiny_qwen25vl():
     """Qwen2.5-VL (windowed vision attention, the same M-RoPE) from a tiny config."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
-    from medvl.models.native import NativeVLM
-    from tests.test_native_vlm import _tok
-    tok = _tok()
-    tok.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    torch.manual_seed(0)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-                               tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=tok.chat_template)
-    vlm = NativeVLM(Qwen2_5_VLForConditionalGeneration(cfg).eval(), proc)
-    vlm.model.generation_config.eos_token_id = tok.eos_token_id
-    return vlm
+    from medvl.models.tiny_native import tiny_qwen25vl as build
+    return build()
 
 
 def test_native_qwen25vl_answers_under_continuous_batching_equal_its_own_generate(tmp_path):

@@ -73,6 +73,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--group", type=int, default=64, help="entries that share one scale (default 64)")
     lp.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the other weights (default bf16)")
     lp.set_defaults(func=cmd_lm_pack)
+    lt = lsub.add_parser("tiny-vlm", help="write a tiny random native VLM (Qwen2-VL, Qwen2.5-VL, LLaVA) built offline: "
+                         "runs a hub model's recipe end to end without the hub (answers mean nothing)")
+    lt.add_argument("kind", choices=["qwen2-vl", "qwen2.5-vl", "llava"])
+    lt.add_argument("out", help="the new folder (loads with AutoModelForImageTextToText / AutoProcessor)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--overwrite", action="store_true")
+    lt.set_defaults(func=cmd_lm_tiny_vlm)
+
+
+def cmd_lm_tiny_vlm(args: argparse.Namespace) -> int:
+    from medvl.models.tiny_native import make_tiny_native
+    out = make_tiny_native(args.kind, args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote a tiny random {args.kind} to {out}: e.g. medvl train recipes/clinkd-qwen2vl.yaml native={out} "
+          f"distill.teacher={out} precision=fp32 max_length=512 data.path=...")
+    return 0
 
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
