@@ -626,3 +626,20 @@ def test_frozen_lm_recipes_default_to_a_pretrained_lm(recipe):
     import yaml
     r = yaml.safe_load((pathlib.Path(__file__).parents[1] / "recipes" / recipe).read_text())
     assert r["llm"]["source"] == "smollm2-135m-instruct" and not r.get("allow_frozen_random")
+
+
+def test_vision_window_applies_to_volumes_in_the_vlm_loader(tok, tmp_path):
+    """CT volumes were min-maxed over the whole HU range; vision.window (saved with the model) windows them."""
+    import numpy as np
+    from medvl.data.schema import Media
+    from medvl.data.transforms import preprocess_3d
+    from medvl.models.vlm import image_loader_for
+    vol = np.random.default_rng(0).uniform(-1024, 3000, (8, 32, 32)).astype("float32")
+    np.save(tmp_path / "ct.npy", vol)
+    v3 = {"name": "vit3d", "volume_size": [8, 32, 32], "patch_size": [4, 16, 16], "width": 32, "depth": 1, "heads": 2}
+    plain = image_loader_for(make(tok, vision=v3))(Media(str(tmp_path / "ct.npy")))
+    windowed = image_loader_for(make(tok, vision={**v3, "window": "abdomen"}))(Media(str(tmp_path / "ct.npy")))
+    from medvl.data.imageio import load_medical
+    assert torch.allclose(windowed, torch.from_numpy(preprocess_3d(load_medical(tmp_path / "ct.npy"), [8, 32, 32],
+                                                                   window="abdomen")))
+    assert not torch.allclose(plain, windowed)

@@ -43,6 +43,10 @@ class VisionConfig:
     #: input side in pixels; 0 = the tower's own (hf: its config's; medclip: its CLIP's). Only a
     #: CNN medclip tower takes another side; a ViT's position table fixes its size.
     image_size: int = 0
+    #: intensity window applied before the tower (a preset such as "abdomen" / "lung" / "brain", "file" for a
+    #: DICOM's own, or [center, width] in HU); null: the file's own window for 2D, min-max for volumes. CT
+    #: volumes in HU min-maxed over -1024..3000 leave soft tissue in a few grey levels: give a window
+    window: Any = None
     in_channels: int = 3
     # vit3d
     volume_size: list = field(default_factory=lambda: [32, 128, 128])

@@ -290,6 +290,7 @@ def image_loader_for(model):
     size = getattr(model.vision, "image_size", 0) or 224
     volume = len(model.vision.grid) == 3
     shape = model.config.vision.get("volume_size", [32, 128, 128])
+    window = model.config.vision.get("window")  # saved with the model: training and inference window alike
 
     def load(media) -> torch.Tensor:
         img = media.array if isinstance(media.array, MedicalImage) else load_medical(media.path)
@@ -297,6 +298,6 @@ def image_loader_for(model):
             from medvl.data.transforms import preprocess_3d
             if img.kind != "volume":
                 raise MedvlUserError("this model's vision tower takes 3D volumes, got a 2D image", path=media.path)
-            return torch.from_numpy(preprocess_3d(img, shape))
-        return torch.from_numpy(preprocess_2d(img, size, mode="pad"))  # [3, S, S]
+            return torch.from_numpy(preprocess_3d(img, shape, window=window))
+        return torch.from_numpy(preprocess_2d(img, size, mode="pad", window=window))  # [3, S, S]
     return load
