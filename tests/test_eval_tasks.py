@@ -120,3 +120,12 @@ def test_empty_references_are_refused_and_empty_texts_never_labelled():
     assert all(math.isnan(v) for v in lab.label("").values())  # blank: not even "No Finding"
     assert all(math.isnan(v) for v in lab.label("   \n").values())
     assert lab.label("The lungs are clear.")["No Finding"] == 1.0
+
+
+def test_chexpert_bootstrap_gives_every_micro_and_macro_score_an_interval():
+    refs = ["Small left pleural effusion.", "No acute process.", "Cardiomegaly with edema.", "Right pneumothorax."] * 5
+    hyps = ["Left pleural effusion.", "No acute process.", "Enlarged heart.", "No pneumothorax."] * 5
+    res = evaluate_reports(refs, hyps, metrics=["chexpert"], bootstrap=30)
+    for k in ("chexpert_micro_f1_14", "chexpert_macro_f1_14", "chexpert_micro_f1_5", "chexpert_macro_f1_5"):
+        assert k in res["metrics"] and k in res["ci"], k
+        assert 0.0 <= res["ci"][k]["low"] <= res["ci"][k]["high"] <= 1.0 and res["ci"][k]["n_boot"] == 30

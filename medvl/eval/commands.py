@@ -132,7 +132,7 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], joined=None) -> in
         ci = f"   95% CI [{c['low']:.4f}, {c['high']:.4f}]" if c else ""
         shown = f"{val:.4f}" if isinstance(val, float) and not math.isnan(val) else str(val)
         print(f"{k:<{width}}  {shown}{ci}")
-    for note_key in ("meteor_note",):
+    for note_key in ("meteor_note", "meteor_ci_note"):
         if note_key in result:
             print(f"note: {result[note_key]}")
     if args.out:

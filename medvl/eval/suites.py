@@ -120,11 +120,13 @@ def evaluate_reports(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence
                 if k.startswith(("micro_", "macro_")):
                     scores[f"chexpert_{k}"] = v
             extra["chexpert"] = {"uncertain_as": uncertain, "per_label": ce["per_label"]}
-            if bootstrap:
-                from medvl.eval.chexpert import clinical_efficacy as ce_fn
-                ci["chexpert_micro_f1_14"] = bs.bootstrap_ci(
-                    lambda idx: ce_fn([rl[i] for i in idx], [hl[i] for i in idx], uncertain)["micro_f1_14"],
-                    n, bootstrap, seed)
+            if bootstrap:  # every micro / macro score (14 and 5 classes) from the same resamples
+                names = [k for k in ce if k.startswith(("micro_", "macro_"))]
+
+                def draw(idx):
+                    d = clinical_efficacy([rl[i] for i in idx], [hl[i] for i in idx], uncertain=uncertain)
+                    return {k: d[k] for k in names}
+                ci.update({f"chexpert_{k}": v for k, v in bs.bootstrap_ci_many(draw, n, bootstrap, seed).items()})
     if bootstrap:
         # metrics that are a mean over samples: resample the per-sample values
         for k, v in per.items():
