@@ -147,7 +147,7 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
               "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
               "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
               "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-              "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
+              "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}", "allow_frozen_random=true"]
 
     def run(out, *extra, nproc=2, port=29561):
         launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
@@ -194,7 +194,8 @@ def test_deepspeed_config_follows_the_recipe_and_refuses_contradictions(tmp_path
                      ({"zero_optimization": {"stage": 5}}, "stage")):
         f.write_text(json.dumps(bad))
         with pytest.raises(MedvlUserError, match=msg):
-            build_config(TrainerConfig(batch_size=4, grad_accum=2, deepspeed={"config": str(f)}), world=2)
+            build_config(TrainerConfig(batch_size=4, grad_accum=2, precision="bf16", deepspeed={"config": str(f)}),
+                         world=2)
     with pytest.raises(MedvlUserError, match="not found"):
         build_config(TrainerConfig(deepspeed={"config": str(tmp_path / "none.json")}), world=1)
 
@@ -210,7 +211,7 @@ TINY_VLM = ["vocab_size=300", "precision=fp32", "warmup_steps=1",
             "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
             "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
             "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-            "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
+            "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}", "allow_frozen_random=true"]
 
 
 @pytest.mark.slow

@@ -135,7 +135,7 @@ def test_vlm_recipe_validates_held_out_questions_each_epoch(tmp_path, llm_policy
     data = load_bundled("vqa-rad", "train")[:48]
     cfg = VLMTrainConfig(vision=TINY_TOWER, llm=TINY_LM, vocab_size=300, epochs=2, batch_size=8, warmup_steps=1,
                          precision="fp32", output_dir=str(tmp_path / "vlm"), log_every=1, lr=0.01,
-                         freeze={"llm": llm_policy}, eval={"holdout": 0.25, "by": "sample", "max_new_tokens": 4})
+                         freeze={"llm": llm_policy}, allow_frozen_random=True, eval={"holdout": 0.25, "by": "sample", "max_new_tokens": 4})
     res = train_vlm(cfg, data, progress=False)
     val = res["validation"]
     assert [r["epoch"] for r in val] == [1, 2]
@@ -153,7 +153,7 @@ def test_the_question_only_twin_validates_without_images(tmp_path, monkeypatch):
     asked, real = [], ic.answers
     monkeypatch.setattr(ic, "answers", lambda m, c, samples, **kw: asked.extend(samples) or real(m, c, samples, **kw))
     cfg = VLMTrainConfig(vision=TINY_TOWER, llm=TINY_LM, vocab_size=300, epochs=1, batch_size=8, warmup_steps=1,
-                         precision="fp32", output_dir=str(tmp_path / "twin"), question_only=True,
+                         precision="fp32", output_dir=str(tmp_path / "twin"), question_only=True, allow_frozen_random=True,
                          eval={"data": {"path": "vqa-rad/test"}, "keep": "last", "max_new_tokens": 2})
     res = train_vlm(cfg, load_bundled("vqa-rad", "train")[:16], progress=False)
     assert res["validation"] and 0.0 <= res["validation"][0]["mean"] <= 1.0

@@ -211,7 +211,7 @@ def test_predict_and_chat_commands(tmp_path, capsys):
     assert main(["predict", "--model", str(model_dir), "--data", "vqa-rad/test", "--out", str(out),
                  "--max-new-tokens", "2", "--batch-size", "64"]) == 0
     assert len(out.read_text().splitlines()) == 451
-    assert json.loads(out.read_text().splitlines()[0]).keys() == {"id", "prediction"}
+    assert json.loads(out.read_text().splitlines()[0]).keys() == {"id", "question", "prediction"}
     assert main(["chat", "--model", str(model_dir), "--image", str(tmp_path / "none.png"), "hi"]) == 2
     assert "image file not found" in capsys.readouterr().err
 
@@ -240,7 +240,8 @@ def test_vlm_recipe_resumes_and_takes_volumes(tmp_path):
     cfg3 = VLMTrainConfig(vision={"name": "vit3d", "volume_size": [8, 32, 32], "patch_size": [4, 16, 16],
                                   "width": 32, "depth": 1, "heads": 2},
                           connector={"name": "spatial_pooling"}, llm=_tiny_cfg(tmp_path).llm, vocab_size=300,
-                          epochs=1, batch_size=2, warmup_steps=1, precision="fp32", output_dir=str(tmp_path / "v3"))
+                          epochs=1, batch_size=2, warmup_steps=1, precision="fp32", output_dir=str(tmp_path / "v3"),
+                          allow_frozen_random=True)
     r = train_vlm(cfg3, vols, progress=False)
     assert r["steps"] == 2
 
@@ -312,7 +313,8 @@ def test_train_cli_vlm_recipe_and_undecodable_images(tmp_path, capsys):
                  "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
                  "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
                  "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
-                 "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"])
+                 "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}",
+                 "allow_frozen_random=true"])
     out = capsys.readouterr().out
     assert code == 0 and "1 image does not decode (1 file(s))" in out.replace("left out while encoding: ", "")
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
@@ -363,7 +365,7 @@ def test_vlm_recipe_two_processes_ddp_and_fsdp_agree(tmp_path):
                "vision={name: hf, hf_config: {model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64, "
                "num_hidden_layers: 1, num_attention_heads: 2, image_size: 32, patch_size: 8}}",
                "llm={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-               "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
+               "num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}", "allow_frozen_random=true"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
         out[mode] = load_vlm(tmp_path / mode / "model").state_dict()  # strict: the gathered weights are complete

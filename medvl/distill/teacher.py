@@ -28,11 +28,12 @@ import torch
 
 from medvl.errors import MedvlUserError
 from medvl.losses.logit_kd import TopK, topk_missing_mass, topk_of
+from medvl.models.precision import resolve_precision
 
 
 class LiveTeacher:
     def __init__(self, path: str | Path, tokenizer, max_length: int, device: str = "cpu", topk: int = 0,
-                 precision: str = "bf16"):
+                 precision: str = "auto"):
         from medvl.data.collate import VLMCollator
         from medvl.generate.pipeline import resolve_model_path
         from medvl.models.vlm import load_vlm
@@ -43,7 +44,7 @@ class LiveTeacher:
             p.requires_grad = False
         self.device = device
         self.topk = topk
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)  # auto: bf16 only where computed natively
         self.collator = VLMCollator(tokenizer, tokens_per_image=self.model.tokens_per_image, max_length=max_length)
         self.encoded: dict = {}
         self.vision_cache: dict = {}
@@ -101,14 +102,14 @@ class NativeTeacher:
     (:func:`medvl.models.native.answer_logits`)."""
 
     def __init__(self, path: str | Path, max_length: int, device: str = "cpu", topk: int = 0,
-                 precision: str = "bf16"):
+                 precision: str = "auto"):
         from medvl.models.native import NativeVLM
         self.vlm = NativeVLM.from_pretrained(path, max_length=max_length)
         self.vlm.model.to(device).eval()
         for p in self.vlm.model.parameters():
             p.requires_grad = False
         self.tokenizer = self.vlm.tok
-        self.device, self.topk, self.precision = device, topk, precision
+        self.device, self.topk, self.precision = device, topk, resolve_precision(precision, device)
         self.encoded: dict = {}
         self.missing_mass: list[float] = []
 
@@ -147,7 +148,7 @@ def is_native_folder(path: str | Path) -> bool:
     return json.loads(cfg.read_text()).get("model_type") != "medvl_vlm"
 
 
-def live_teacher(path: str | Path, max_length: int, device: str = "cpu", topk: int = 0, precision: str = "bf16"):
+def live_teacher(path: str | Path, max_length: int, device: str = "cpu", topk: int = 0, precision: str = "auto"):
     """The live teacher for a composed VLM folder or shipped name, or a native folder or hub id."""
     from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
     try:
@@ -219,7 +220,7 @@ DISTILL_KEYS = {"teacher", "teacher_cache", "alpha", "kind", "temperature", "t2_
                 "device"}
 
 
-def make_teacher(distill: dict, max_length: int, precision: str = "bf16"):
+def make_teacher(distill: dict, max_length: int, precision: str = "auto"):
     """The live or cached teacher and the KD loss a recipe's ``distill`` section asks for."""
     from medvl.losses.logit_kd import LogitKDLoss
 

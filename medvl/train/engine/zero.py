@@ -73,12 +73,18 @@ def build_config(cfg, world: int) -> dict[str, Any]:
             raise MedvlUserError(f"the DeepSpeed config says {key}={section[key]} but the recipe gives {value} "
                                  f"(batch_size={cfg.batch_size}, grad_accum={cfg.grad_accum}, {world} process(es)); "
                                  "make them agree or drop the key from the DeepSpeed config")
-    bf16 = cfg.precision == "bf16"
+    precision = cfg.precision
+    if precision == "auto":  # the engine resolves it first; a direct call resolves it for this machine
+        import torch
+
+        from medvl.models.precision import resolve_precision
+        precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = precision == "bf16"
     if (section.get("fp16") or {}).get("enabled"):
         raise MedvlUserError("the DeepSpeed config enables fp16; medvl trains in bf16 or fp32 (precision=...)")
     if "bf16" in section and bool(section["bf16"].get("enabled")) != bf16:
         raise MedvlUserError(f"the DeepSpeed config has bf16.enabled={section['bf16'].get('enabled')} but the "
-                             f"recipe's precision is {cfg.precision}")
+                             f"recipe's precision is {precision}")
     if "gradient_clipping" in section and cfg.clip_grad and section["gradient_clipping"] != cfg.clip_grad:
         raise MedvlUserError(f"the DeepSpeed config clips gradients at {section['gradient_clipping']}, the recipe "
                              f"at clip_grad={cfg.clip_grad}")
