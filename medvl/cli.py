@@ -61,6 +61,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medvl: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave that cannot be read or written, a full disk
+        line = _os_error_line(e)
+        if line is None or os.environ.get("MEDVL_DEBUG"):
+            raise
+        print(f"medvl: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _os_error_line(e: OSError) -> str | None:
+    """One line for an operating-system error about a user's file; None for anything that points at
+    medvl's own files (a bug, which keeps its traceback)."""
+    import errno
+    from pathlib import Path
+    if e.errno == errno.ENOSPC:
+        return f"{e.filename or 'output'}: the disk is full; free space or write elsewhere"
+    if e.filename is None or not isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError,
+                                                FileNotFoundError, FileExistsError)):
+        return None
+    package = Path(__file__).resolve().parent
+    try:
+        if package in Path(str(e.filename)).resolve().parents:
+            return None
+    except (OSError, RuntimeError):
+        pass
+    return f"{e.filename}: {e.strerror or type(e).__name__}"
 
 
 if __name__ == "__main__":  # pragma: no cover

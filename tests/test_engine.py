@@ -87,6 +87,19 @@ def test_accumulation_and_exact_mid_epoch_resume(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, RNG of both generators included
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run killed after logging steps past its last checkpoint logged them again on resume (46 lines
+    for 40 steps): the log is cut back to the checkpoint's step."""
+    _run(tmp_path / "r", stop_after_steps=10)  # checkpoint at step 10
+    log = tmp_path / "r" / "metrics.jsonl"
+    extra = [json.dumps({"step": s, "loss": 9.9}) for s in (11, 12, 13)]  # logged after the checkpoint, then killed
+    log.write_text(log.read_text() + "\n".join(extra) + "\n" + '{"step": 14, "lo')  # the last line torn
+    _, res = _run(tmp_path / "r")
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == list(range(1, 25)) and res["steps"] == 24
+    assert all(json.loads(x)["loss"] != 9.9 for x in log.read_text().splitlines())
+
+
 def test_resume_refuses_another_run_or_engine(tmp_path):
     from medvl.train.engine import checkpoint
     _run(tmp_path / "r", max_steps=2)

@@ -151,6 +151,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     args.src, read_opts = dataset_info_defaults(args.input, args.src, read_opts, args.dataset)
     dst = get_format(args.dst)
     dst.check_options(write_opts, "write")
+    from medvl.data.textfile import check_output_path
+    check_output_path(args.output, folder=dst.writes_folder)  # before any reading: a bad output fails at once
     conv, _ = read_any(args.input, args.src, read_opts)
     n_read = len(conv.samples) + len(conv.skipped)
     print(f"read {args.input} as {args.src}: {n_read:,} record(s), {len(conv.samples):,} converted")
@@ -173,6 +175,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                   "(--keep-invalid writes them anyway):")
             print_skips(Conversion(skipped=conv.skipped[-len(bad):]), "validation")
             samples = keep
+    if n_read and not samples:  # every record lost: never a success, and no empty output file
+        raise MedvlUserError(f"none of the {n_read:,} record(s) read could be converted ({len(conv.skipped):,} "
+                             "skipped, reasons above); nothing was written — check --from and the options",
+                             path=args.input)
     wconv = dst.write(samples, Path(args.output), **write_opts)
     print(f"wrote {args.output} as {args.dst}: {wconv.written:,} record(s)"
           f" in {time.perf_counter() - t0:.1f}s")

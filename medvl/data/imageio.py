@@ -68,6 +68,10 @@ class MedicalImage:
 
 # ---- dispatch ---------------------------------------------------------------------
 
+#: the largest image or volume file opened (a compressed NIfTI of MAX_VOXELS fits well within it)
+MAX_IMAGE_BYTES = 8 << 30
+
+
 def detect_kind(path: Path) -> str:
     """``dicom``, ``dicom-series``, ``nifti``, ``npy`` or ``pil`` from the name and magic bytes."""
     name = path.name.lower()
@@ -95,6 +99,9 @@ def load_medical(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_voxels: 
     path = Path(path)
     if not path.exists():
         raise MedvlUserError("image file not found", path=path)
+    if not path.is_dir():  # a folder is a DICOM series; anything else must be a regular file (a FIFO blocks)
+        from medvl.data.textfile import check_input_file
+        check_input_file(path, max_bytes=MAX_IMAGE_BYTES)
     kind = detect_kind(path)
     if kind == "nifti":
         return load_nifti(path, max_voxels=max_voxels, frame=frame)

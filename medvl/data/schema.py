@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from medvl.data.textfile import read_text
 from medvl.errors import MedvlUserError
 
 IMAGE_TOKEN = "<image>"
@@ -296,19 +297,18 @@ def resolve_path(path: str, root: Path | None) -> Path:
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | Exception]]:
     """Yield (line number, parsed object or the parse error) for each non-blank line."""
     path = Path(path)
-    if not path.exists():
-        raise MedvlUserError("file not found", path=path)
     if path.is_dir():
         raise MedvlUserError("is a folder, not a .jsonl file (give the file, or data.format for a dataset folder)",
                              path=path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, e
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, e
+        except RecursionError:
+            yield lineno, json.JSONDecodeError("nested too deeply", line, 0)
 
 
 def read_jsonl(path: str | Path, *, strict: bool = True) -> list[Sample]:

@@ -14,7 +14,23 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medvl.data.textfile import atomic_write_text, check_output_path
 from medvl.errors import MedvlUserError
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out and --html must be writable before any scoring starts."""
+    for p in (getattr(args, "out", None), getattr(args, "html", None)):
+        if p:
+            check_output_path(p)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse turns the ValueError into a one-line usage error)."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return n
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                  "differ) or by question text (LLaVA-Med answer files keyed by their own ids)")
             sp.add_argument("--empty-refs", choices=["refuse", "skip"], default="refuse",
                             help="an empty reference is an error (default) or left out and counted (skip)")
-        sp.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
+        sp.add_argument("--bootstrap", type=_count, default=0, metavar="N", help="bootstrap resamples for 95%% CIs")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--out", help="write the full result as JSON")
         sp.add_argument("--html", help="write a self-contained HTML report with plots")
@@ -87,6 +103,7 @@ def _bundled_or_path(ref: str) -> str:
 
 
 def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = None):
+    check_outputs(args)
     from medvl.eval.files import PRED_KEYS, REF_KEYS, join, read_records
 
     preds = read_records(args.pred, text_key=args.pred_key, id_key=args.id_key, candidates=PRED_KEYS)
@@ -136,8 +153,7 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], joined=None) -> in
         if note_key in result:
             print(f"note: {result[note_key]}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str, allow_nan=True), encoding="utf-8")
+        atomic_write_text(args.out, json.dumps(result, indent=1, default=str, allow_nan=True))
         print(f"result: {args.out}")
     if args.html:
         from medvl.eval.html import write_html
@@ -176,11 +192,23 @@ def cmd_vqa(args: argparse.Namespace) -> int:
 
 
 def _scores_of(rec) -> dict | None:
+    import math
     s = rec.extra.get("scores")
     if isinstance(s, dict):
-        return {str(k): float(v) for k, v in s.items()}
-    cols = {k[len("score_"):]: v for k, v in rec.extra.items() if k.startswith("score_")}
-    return {k: float(v) for k, v in cols.items()} if cols else None
+        cols = {str(k): v for k, v in s.items()}
+    else:
+        cols = {k[len("score_"):]: v for k, v in rec.extra.items() if k.startswith("score_")}
+    if not cols:
+        return None
+    out = {}
+    for k, v in cols.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise MedvlUserError(f"id {rec.id!r}: score of {k!r} is {v!r}, not a number") from None
+        if math.isnan(out[k]):
+            raise MedvlUserError(f"id {rec.id!r}: score of {k!r} is NaN")
+    return out
 
 
 def cmd_cls(args: argparse.Namespace) -> int:
@@ -204,21 +232,41 @@ def cmd_cls(args: argparse.Namespace) -> int:
 def cmd_retrieval(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from medvl.data.textfile import check_input_file, loads_json, read_text
     from medvl.eval.suites import evaluate_retrieval
 
-    p = Path(args.sim)
-    if not p.exists():
-        raise MedvlUserError("file not found", path=p)
+    check_outputs(args)
+    p = check_input_file(args.sim)
     try:
         sim = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise MedvlUserError(f"not a .npy array ({e})", path=p) from None
+    except (ValueError, OSError, EOFError) as e:
+        raise MedvlUserError(f"not a .npy array ({str(e)[:120]})", path=p) from None
+    if sim.ndim != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise MedvlUserError(f"expected a 2-D [images, texts] matrix, got shape {sim.shape}", path=p)
+    if not np.issubdtype(sim.dtype, np.number) or np.issubdtype(sim.dtype, np.complexfloating):
+        raise MedvlUserError(f"expected numbers, got {sim.dtype}", path=p)
+    if not np.isfinite(sim).all():
+        raise MedvlUserError(f"{int((~np.isfinite(sim)).sum())} entries are NaN or infinite", path=p)
     t2i = None
     if args.text_to_image:
-        t2i = json.loads(Path(args.text_to_image).read_text())
+        t2i = loads_json(read_text(args.text_to_image), args.text_to_image)
+        if not isinstance(t2i, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in t2i):
+            raise MedvlUserError("expected a JSON list of image indices (whole numbers)", path=args.text_to_image)
         if len(t2i) != sim.shape[1]:
             raise MedvlUserError(f"{len(t2i)} text-to-image entries for {sim.shape[1]} texts", path=args.text_to_image)
-    res = evaluate_retrieval(sim, t2i, [int(k) for k in args.k.split(",")])
+        bad = [v for v in t2i if not 0 <= v < sim.shape[0]]
+        if bad:
+            raise MedvlUserError(f"image index {bad[0]} outside 0..{sim.shape[0] - 1}", path=args.text_to_image)
+    elif sim.shape[0] != sim.shape[1]:
+        raise MedvlUserError(f"a {sim.shape[0]} x {sim.shape[1]} matrix is not 1:1; give --text-to-image "
+                             "(the image index of each text)", path=p)
+    try:
+        ks = [int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        raise MedvlUserError(f"--k {args.k!r}: expected whole numbers separated by commas (1,5,10)") from None
+    if not ks or any(k < 1 for k in ks):
+        raise MedvlUserError(f"--k {args.k!r}: each K must be at least 1")
+    res = evaluate_retrieval(sim, t2i, ks)
     return _finish(args, res)
 
 
@@ -233,22 +281,26 @@ def cmd_grounding(args: argparse.Namespace) -> int:
     for k, r in enumerate(j.refs):
         boxes = r.extra.get("boxes")
         if boxes:
-            ref_boxes.append(boxes[0]["bbox"])
+            b = boxes[0].get("bbox") if isinstance(boxes[0], dict) else None
+            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                             for v in b)):
+                raise MedvlUserError(f"reference {r.id!r}: box {b!r} is not 4 numbers [x1, y1, x2, y2]", path=args.ref)
+            ref_boxes.append([float(v) for v in b])
             imgs = r.extra.get("images") or [{}]
             mods.append((imgs[0] or {}).get("modality"))
             keep.append(k)
             continue
         box = r.text if isinstance(r.text, list) else None
+        if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in box)):
+            raise MedvlUserError(f"reference {r.id!r}: box {box!r} is not 4 numbers [x1, y1, x2, y2]", path=args.ref)
         if box is None:
             found = parse_boxes_from_text(str(r.text))
             box = found[0] if found else None
-        if box is None or len(box) != 4:
+        if box is None:
             not_grounding.append(r.id)
             continue
-        try:
-            ref_boxes.append([float(v) for v in box])
-        except (TypeError, ValueError):
-            raise MedvlUserError(f"reference {r.id!r}: box {box!r} is not 4 numbers", path=args.ref) from None
+        ref_boxes.append([float(v) for v in box])
         mods.append(r.extra.get("modality"))
         keep.append(k)
     if not keep:

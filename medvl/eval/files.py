@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvl.data.textfile import loads_json, read_text
 from medvl.errors import MedvlUserError
 
 ID_KEYS = ("id", "qid", "sample_id", "study_id", "dicom_id", "image_id", "uid", "question_id")
@@ -48,15 +49,7 @@ class Record:
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
     """(where, row) pairs; ``where`` is "line N" or "row N" for messages."""
-    if not path.exists():
-        raise MedvlUserError("file not found", path=path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise MedvlUserError(f"not UTF-8 text (byte {e.start}, line {line}); re-save the file as UTF-8",
-                             path=path) from None
+    text = read_text(path)  # a regular UTF-8 file, or one line saying what it is instead
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         delim = "\t" if suffix == ".tsv" or text.split("\n", 1)[0].count("\t") > text.split("\n", 1)[0].count(",") else ","
@@ -64,19 +57,15 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         return [(f"row {i + 2}", dict(r)) for i, r in enumerate(reader)]
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MedvlUserError(f"malformed JSON ({e.msg} at line {e.lineno})", path=path) from None
+        data = loads_json(text, path)
+        if not isinstance(data, list):
+            raise MedvlUserError(f"expected a JSON list of records, got {type(data).__name__}", path=path)
         return [(f"record {i}", r) for i, r in enumerate(data)]
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            out.append((f"line {i}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise MedvlUserError(f"malformed JSON ({e.msg})", path=path, record=f"line {i}") from None
+        out.append((f"line {i}", loads_json(line, path, f"line {i}")))
     return out
 
 

@@ -108,5 +108,6 @@ pre{{background:#f6f6f6;padding:8px}}</style></head><body>
 </body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc, encoding="utf-8")
+    from medvl.data.textfile import atomic_write_text
+    atomic_write_text(path, doc)
     return path

@@ -81,6 +81,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medvl.generate.pipeline import load
 
     from medvl.data.commands import parse_kv
+    from medvl.data.textfile import check_output_path
+    check_output_path(args.out)  # before the model loads
     samples = load_for_stats(args.data, args.format, parse_kv(args.read_opt), image_root=args.image_root)
     if args.image_control:
         from medvl.data.controls import image_control

@@ -112,10 +112,9 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['image']}: " + ", ".join(f"{k} {v:.1%}" for k, v in r["probs"].items()))
     for i, msg in res["failed"]:
-        print(f"medvl: skipped {args.images[i]}: {msg}")
+        print(f"medvl: skipped {args.images[i]}: {msg}", file=sys.stderr)
     if res["failed"]:
-        print(f"medvl: {len(res['failed'])} of {len(args.images)} image(s) could not be read")
-        return 2
+        raise MedvlUserError(f"{len(res['failed'])} of {len(args.images)} image(s) could not be read (listed above)")
     return 0
 
 

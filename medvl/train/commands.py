@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
 
 from medvl.errors import MedvlUserError
 
@@ -20,10 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medvl.data.textfile import check_output_path
+    from medvl.train.config import read_recipe
     path = Path(args.recipe)
-    if not path.exists():
-        raise MedvlUserError("recipe not found", path=path)
-    kind = (yaml.safe_load(path.read_text()) or {}).get("recipe")
+    kind = read_recipe(path).get("recipe")
     if kind not in RECIPES:
         raise MedvlUserError(f"recipe: {kind!r} is not a known recipe ({', '.join(RECIPES)})", path=path)
     from medvl.train.config import load_recipe
@@ -31,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from medvl.data.loading import load_training_samples
         from medvl.train.vlm import VLMTrainConfig, train_vlm
         cfg = load_recipe(VLMTrainConfig, path, args.overrides)
+        check_output_path(cfg.output_dir, folder=True)  # before minutes of data preparation
         if kind == "vlm-distill" and not cfg.distill:
             raise MedvlUserError("a vlm-distill recipe needs a distill section (teacher or teacher_cache)", path=path)
         samples, skipped = load_training_samples(cfg.data)
@@ -50,6 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from medvl.train.clip import ClipTrainConfig, train_clip
     cfg = load_recipe(ClipTrainConfig, path, args.overrides)
+    check_output_path(cfg.output_dir, folder=True)
     res = train_clip(cfg)
     print(f"done: {res['steps']} steps, model in {res['model_dir']}")
     return 0

@@ -92,9 +92,58 @@ class VLMTrainConfig(TrainerConfig):
     allow_frozen_random: bool = False
     """freeze a module (vision / connector / llm) that starts from random weights; refused otherwise, since it
     would stay random for the whole run (a from-scratch LM under stage align or vision-tune)"""
+    def check(self, where: str = "recipe") -> None:
+        """The engine's ranges, then the nested sections' keys (closest name suggested for a typo)."""
+        super().check(where)
+        import dataclasses as dc
+
+        from medvl.models.vision_towers import VisionConfig
+        if self.native:
+            return
+        _check_keys(self.vision, [f.name for f in dc.fields(VisionConfig)], f"{where}.vision")
+        check_llm_section(self.llm, f"{where}.llm")
+        _check_keys(self.lora, LORA_KEYS, f"{where}.lora")
+        for k, sec in enumerate(self.data.get("sources") or [self.data]):
+            if isinstance(sec, dict):
+                _check_keys(sec, DATA_KEYS, f"{where}.data" + (f".sources.{k}" if self.data.get("sources") else ""))
+        if self.max_length < 8:
+            raise MedvlUserError(f"{where}.max_length = {self.max_length}: must be at least 8")
+
     position_gap: int = 0
     """modality-gap position ids: skip this many positions before and after every image block (ClinKD's
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
+
+
+DATA_KEYS = ("path", "format", "options", "image_root", "holdout", "holdout_seed", "part", "sources", "weight",
+             "question_only")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "export")
+
+
+def _check_keys(section: dict, known, where: str) -> None:
+    from medvl.train.config import closest
+    for k in section:
+        if k not in known:
+            raise MedvlUserError(f"{where}: unknown key {k!r}{closest(k, known)}; known: {', '.join(known)}")
+
+
+def check_llm_section(llm: dict, where: str = "recipe.llm") -> None:
+    """A pretrained source takes {source, num_hidden_layers}; an LM config's keys are checked against
+    its transformers config class, so a typo (``hiden_size``) is an error with the closest name instead
+    of an attribute Hugging Face keeps silently (it built a 4,096-wide model once)."""
+    from medvl.train.config import closest
+    if "source" in llm:
+        _check_keys(llm, ("source", "num_hidden_layers"), where)
+        return
+    if "model_type" not in llm:
+        raise MedvlUserError(f"{where}: give source (a pretrained LM) or model_type and its sizes (an LM from scratch)")
+    from transformers import AutoConfig
+    try:
+        known = set(AutoConfig.for_model(str(llm["model_type"])).to_dict())
+    except ValueError:
+        raise MedvlUserError(f"{where}.model_type: unknown model type {llm['model_type']!r}") from None
+    for k in llm:
+        if k not in known and closest(k, known):  # a near miss of a real key: a typo; novel keys pass
+            raise MedvlUserError(f"{where}: unknown key {k!r}{closest(k, known)}")
 
 
 def load_init(cfg: VLMTrainConfig):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import abc
 import collections
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from medvl.data.schema import IMAGE_TOKEN, Sample, Turn
+from medvl.data.textfile import atomic_write_text, check_input_file, decode_text, read_text
 from medvl.errors import MedvlUserError
 
 
@@ -94,9 +96,11 @@ def require_exists(path: Path) -> Path:
 def load_json(path: Path) -> Any:
     """Parse a JSON file; a JSON Lines file (one object per line) is accepted too."""
     path = require_exists(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)  # regular file, UTF-8 (the encoding named when not)
     try:
         return json.loads(text)
+    except RecursionError:
+        raise MedvlUserError("JSON nested too deeply", path=path) from None
     except json.JSONDecodeError as first:
         rows = []
         for line in text.splitlines():
@@ -104,7 +108,7 @@ def load_json(path: Path) -> Any:
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise MedvlUserError(
                     f"malformed JSON ({first.msg} at line {first.lineno}, column {first.colno})",
                     path=path) from None
@@ -125,43 +129,46 @@ def load_json_list(path: Path, *, list_keys: tuple[str, ...] = ()) -> list:
 
 
 def dump_json(obj: Any, path: Path, *, lines: bool = False) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        if lines:
-            for row in obj:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
+    """JSON (or JSON Lines) written atomically: never a half-written file under ``path``."""
+    if lines:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in obj)
+    else:
+        text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
+    atomic_write_text(path, text)
 
 
 def read_csv(path: Path, *, delimiter: str | None = None) -> list[dict[str, str]]:
     """Rows of a CSV/TSV file (delimiter sniffed from the header when not given)."""
     path = require_exists(path)
-    opener = open
     if path.suffix == ".gz":
         import gzip
-        opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-        head = f.readline()
-        if delimiter is None:
-            delimiter = "\t" if head.count("\t") > head.count(",") else ","
-        f.seek(0)
         try:
-            return list(csv.DictReader(f, delimiter=delimiter))
-        except csv.Error as e:
-            raise MedvlUserError(f"malformed CSV ({e})", path=path) from None
+            text = decode_text(gzip.decompress(check_input_file(path).read_bytes()), path)
+        except (OSError, EOFError) as e:
+            raise MedvlUserError(f"not a readable gzip file ({e})", path=path) from None
+    else:
+        text = read_text(path)
+    head = text.split("\n", 1)[0]
+    if delimiter is None:
+        delimiter = "\t" if head.count("\t") > head.count(",") else ","
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error as e:
+        raise MedvlUserError(f"malformed CSV ({e})", path=path) from None
+    for i, r in enumerate(rows):
+        if None in r:  # more fields than the header: an unbalanced quote merged or split rows
+            raise MedvlUserError(f"{len(r[None]) + len(r) - 1} fields where the header has {len(r) - 1} (an unbalanced "
+                                 "quote or a stray delimiter?)", path=path, record=f"row {i + 2}")
+    return rows
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str], *, delimiter: str = ",") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, delimiter=delimiter, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns, delimiter=delimiter, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
 
 
 def single_qa(sample: Sample) -> tuple[str, str] | None:

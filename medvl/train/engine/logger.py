@@ -11,7 +11,12 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, out: Path, *, fresh: bool, enabled: bool, tensorboard: bool = True):
+    """``resume_step``: on a resumed run, records past the checkpoint's step (logged by the killed run after
+    its last checkpoint, and about to be logged again) are cut from ``metrics.jsonl``, so each step appears
+    once in the file, the loss curve and TensorBoard (whose writer purges them on the same step)."""
+
+    def __init__(self, out: Path, *, fresh: bool, enabled: bool, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
@@ -21,10 +26,20 @@ class MetricsLogger:
         out.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.path.write_text("")
+        elif resume_step is not None and self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line torn by the kill
+                    continue
+            self.path.write_text("".join(x + "\n" for x in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = SummaryWriter(str(out / "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step is not None and not fresh else None)
             except ImportError:  # tensorboard is optional (the train extra installs it)
                 self.tb = None
 

@@ -195,7 +195,8 @@ class Engine:
             pos = st["pos"]
             if self.progress:
                 print(f"{self.name}: resumed from {ckpt} at step {pos['step']} (epoch {pos['epoch']})")
-        logger = MetricsLogger(self.out, fresh=not resumed, enabled=self.main)
+        logger = MetricsLogger(self.out, fresh=not resumed, enabled=self.main,
+                               resume_step=pos["step"] if resumed else None)
         val = None
         if evaluate is not None:
             if self.sharded:
