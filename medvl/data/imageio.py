@@ -104,14 +104,28 @@ def load_medical(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_voxels: 
         check_input_file(path, max_bytes=MAX_IMAGE_BYTES)
     kind = detect_kind(path)
     if kind == "nifti":
-        return load_nifti(path, max_voxels=max_voxels, frame=frame)
-    if kind == "npy":
-        return load_npy(path, max_pixels=max_pixels, max_voxels=max_voxels)
-    if kind == "dicom":
-        return load_dicom(path, max_pixels=max_pixels, max_voxels=max_voxels)
-    if kind == "dicom-series":
-        return load_dicom_series(path, max_voxels=max_voxels)
-    return load_pil(path, max_pixels=max_pixels)
+        img = load_nifti(path, max_voxels=max_voxels, frame=frame)
+    elif kind == "npy":
+        img = load_npy(path, max_pixels=max_pixels, max_voxels=max_voxels)
+    elif kind == "dicom":
+        img = load_dicom(path, max_pixels=max_pixels, max_voxels=max_voxels)
+    elif kind == "dicom-series":
+        img = load_dicom_series(path, max_voxels=max_voxels)
+    else:
+        img = load_pil(path, max_pixels=max_pixels)
+    return _finite(img, path)
+
+
+def _finite(img: MedicalImage, path: Path) -> MedicalImage:
+    """Refuse NaN / infinite pixels: one NaN min-maxed blanks the whole image and an infinity turns every
+    probability downstream into NaN, silently. The user decides how to fill them."""
+    a = img.array
+    if np.issubdtype(a.dtype, np.floating):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise MedvlUserError(f"{int(bad.sum()):,} of {a.size:,} pixel values are NaN or infinite; fill them "
+                                 "(e.g. numpy.nan_to_num) before use", path=path)
+    return img
 
 
 # ---- PNG / JPEG / ... -------------------------------------------------------------

@@ -21,7 +21,15 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
 
         from medvl.models.lm_sources import resolve_lm_source
         path = resolve_lm_source(llm["source"])  # hub id / folder as is; a named offline source converted once
-        tok = AutoTokenizer.from_pretrained(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            from medvl.errors import MedvlUserError
+            from medvl.models.lm_sources import LM_SOURCES
+            raise MedvlUserError(
+                f"llm.source {llm['source']!r}: not a folder here, and the hub has no such model or cannot be reached "
+                f"({str(e).splitlines()[0][:120]}); offline, use a folder, a .gguf file or a named source "
+                f"({', '.join(LM_SOURCES)})") from None
         if "<image>" not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
         mcfg = MedVLMConfig(vision=vision, connector=connector, llm_source=llm["source"],

@@ -260,6 +260,12 @@ VALUE_CASES = {
     "predict-unknown-bundled": lambda t, o: ["predict", "--data", "vqa-rad/dev", "--out", f"{o}/a.jsonl"],
     "zero-shot-fifo": lambda t, o: ["zero-shot", _fifo(t, "img.png"), "--labels", "head", "chest"],
     "zero-shot-text-as-image": lambda t, o: ["zero-shot", _write(t / "x.png", "not an image"), "--labels", "a", "b"],
+    "zero-shot-nan-image": lambda t, o: ["zero-shot", _npy(t, np.where(np.eye(8) > 0, np.nan, 0.0)), "--labels",
+                                         "a", "b"],
+    "zero-shot-inf-image": lambda t, o: ["zero-shot", _npy(t, np.where(np.eye(8) > 0, np.inf, 0.0)), "--labels",
+                                         "a", "b"],
+    "llm-source-unknown": lambda t, o: ["train", str(RECIPES / "vlm-lora.yaml"), "llm.source=nope/nope",
+                                        f"output_dir={o}", "data.path=vqa-rad/test"],
     "lm-tiny-vlm-not-empty": lambda t, o: ["lm", "tiny-vlm", "qwen2-vl", _write(t / "full" / "x", "x").parent],
 }
 
