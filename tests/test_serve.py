@@ -590,3 +590,36 @@ def test_an_image_placeholder_typed_into_the_text_is_a_400(client, img):
     assert client.post("/v1/chat/completions", json=body).status_code == 400
     assert client.post("/v1/chat/completions", json=chat_body(img)).status_code == 200
     assert client.get("/ready").json()["chat"]["failed"] == 0
+
+
+def test_requests_that_failed_other_clients_are_refused_alone(client, img):
+    """temperature 5e-324 and seed 2**70 once failed every request decoding in the same step with a 500;
+    a lone surrogate was a 500; unbounded prompts ran until the timeout. Now each is its own 400, while
+    good requests beside them get the answers they get alone."""
+    test = load_bundled("vqa-rad", "test")[:6]
+    good = [chat_body(data_uri(s.images[0].path), s.conversation[0].text.replace("<image>\n", ""), max_tokens=4)
+            for s in test]
+    alone = [client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in good]
+    hostile = [chat_body(img, temperature=5e-324), chat_body(img, seed=2**70), chat_body(img, seed=-1),
+               chat_body(img, q="why \ud800?"), chat_body(img, q="word " * 5000),
+               {"model": VLM, "messages": [{"role": "user", "content": "hi"}] * 100}]
+    bodies = good + hostile
+
+    def send(k):  # json.dumps escapes the lone surrogate as \ud800, as a client in another language would send it
+        r = client.post("/v1/chat/completions", content=json.dumps(bodies[k]).encode(),
+                        headers={"content-type": "application/json"})
+        return r.status_code, r.json()
+    out = _concurrently(send, len(bodies))
+    assert [o[1]["choices"][0]["message"]["content"] for o in out[:len(good)]] == alone
+    for (status, body), name in zip(out[len(good):], ("temperature", "seed", "seed", "Unicode", "characters",
+                                                      "messages")):
+        assert status == 400 and name in body["error"]["message"], (status, body)
+
+
+def test_finish_reason_says_length_when_max_tokens_cut_the_answer(client, img):
+    r = client.post("/v1/chat/completions", json=chat_body(img, "Describe everything you see in detail.",
+                                                           max_tokens=1)).json()
+    assert r["usage"]["completion_tokens"] == 1 and r["choices"][0]["finish_reason"] == "length"
+    long = client.post("/v1/chat/completions", json=chat_body(img, max_tokens=64)).json()
+    if long["usage"]["completion_tokens"] < 64:
+        assert long["choices"][0]["finish_reason"] == "stop"

@@ -245,7 +245,7 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         n_prompt, n_out = len(gen.ids), len(gen.tokens)  # the decoder's own counts (end-of-turn not included)
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                             "finish_reason": "stop"}],
+                             "finish_reason": "length" if n_out >= gen.max_new_tokens else "stop"}],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
     # -- CLIP ------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         if server.clip is None:
             raise RequestError(404, "this server has no CLIP model (start it with --clip)", "model_not_found")
         if name is not None and name != server.clip_name:
-            raise RequestError(404, f"model {name!r} is not served here; the CLIP is {server.clip_name!r}",
+            raise RequestError(404, f"model {name[:80]!r} is not served here; the CLIP is {server.clip_name!r}",
                                "model_not_found")
 
     def clip_pixels(uris: list[str], window=None):
@@ -284,6 +284,12 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-m
         need_clip(req.model)
         if len(req.labels) > cfg.max_labels:
             raise RequestError(400, f"at most {cfg.max_labels} labels")
+        if any(len(x) > 200 for x in req.labels):
+            raise RequestError(400, "labels: at most 200 characters each")
+        try:
+            "".join(req.labels).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "labels: not valid Unicode text (a lone surrogate)") from None
         try:
             labels = check_labels(req.labels)
         except MedvlUserError as e:
@@ -419,7 +425,7 @@ def _stream(server: Server, sample, media, settings, cid: str, created: int, mod
                     yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) \
                         + "\n\n"
                 break
-            yield chunk({}, "stop")
+            yield chunk({}, "length" if len(gen.tokens) >= gen.max_new_tokens else "stop")
             yield "data: [DONE]\n\n"
         except asyncio.TimeoutError:
             yield "data: " + json.dumps({"error": {"message": "generation timed out", "type": "timeout"}}) + "\n\n"

@@ -32,6 +32,10 @@ class ServeConfig:
     max_image_bytes: int = 16 * 2**20
     max_image_pixels: int = 40_000_000
     max_tokens_cap: int = 256
+    max_messages: int = 64
+    """messages in one chat request (more: 400)"""
+    max_prompt_chars: int = 16_000
+    """characters of text in one chat request, all messages together (more: 400, before anything is tokenised)"""
     default_max_tokens: int = 64
     timeout_s: float = 60.0
     max_queue: int = 64
@@ -114,10 +118,11 @@ class Server:
         if self.pipe is None:
             raise RequestError(404, "this server has no chat model (start it with --model)", "model_not_found")
         if req.model != self.vlm_name:
-            raise RequestError(404, f"model {req.model!r} is not served here; GET /v1/models lists "
+            raise RequestError(404, f"model {req.model[:80]!r} is not served here; GET /v1/models lists "
                                     f"{self.vlm_name!r}", "model_not_found")
         if req.n != 1:
             raise RequestError(400, "n must be 1")
+        self._check_request(req)
         users = [i for i, m in enumerate(req.messages) if m.role == "user"]
         if not users:
             raise RequestError(400, "messages need a user message")
@@ -162,6 +167,36 @@ class Server:
                                if v is None or self.native]
         conv = history + [Turn("user", ("<image>\n" if media else "") + question)]
         return Sample(f"req-{uuid.uuid4().hex[:12]}", media, conv), media, settings
+
+    def _check_request(self, req) -> None:
+        """What one request may ask, checked before it can join a batch: a value that would fail inside a
+        packed step (a temperature of 5e-324 overflowed every row's logits; a seed past 64 bits; a lone
+        UTF-16 surrogate the tokenizer cannot encode) fails this request alone, with a 400 naming the field;
+        prompts are bounded before tokenisation (a 20 MB text was tokenised to 6.3 M tokens once)."""
+        import math
+        t = req.temperature
+        if t is not None and t != 0 and not (math.isfinite(t) and 0.01 <= t <= 2.0):
+            raise RequestError(400, "temperature: 0 (greedy) or between 0.01 and 2")
+        if req.top_p is not None and not (math.isfinite(req.top_p) and 0.0 < req.top_p <= 1.0):
+            raise RequestError(400, "top_p: above 0 and at most 1")
+        if req.seed is not None and not (0 <= req.seed < 2 ** 63):
+            raise RequestError(400, "seed: a whole number from 0 to 2**63 - 1")
+        if len(req.messages) > self.cfg.max_messages:
+            raise RequestError(400, f"messages: at most {self.cfg.max_messages} per request")
+        total = 0
+        for k, m in enumerate(req.messages):
+            texts = [m.content] if isinstance(m.content, str) else [p.text or "" for p in (m.content or [])
+                                                                    if p.type == "text"]
+            for text in texts:
+                total += len(text)
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError(400, f"messages[{k}].content: not valid Unicode text (a lone surrogate)") \
+                        from None
+        if total > self.cfg.max_prompt_chars:
+            raise RequestError(400, f"messages: {total:,} characters of text, more than the {self.cfg.max_prompt_chars:,} "
+                                    "this server accepts")
 
     def _no_placeholders(self, text: str) -> None:
         """Images come as ``image_url`` parts only: a message text holding the model's image placeholder

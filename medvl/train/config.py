@@ -119,6 +119,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except ValueError:
             raise MedvlUserError(f"{where}: {value!r} is not a number") from None
     if tp is str:
+        if value is None:  # `key=` on the command line: empty
+            return ""
         if isinstance(value, (dict, list)):
             raise MedvlUserError(f"{where}: expected a single value (text), got {value!r}"[:300])
         return str(value)
