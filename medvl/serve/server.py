@@ -26,6 +26,11 @@ from medvl.serve.batcher import Batcher
 from medvl.serve.uploads import RequestError, UploadStore
 
 
+#: Qwen2-VL's grounding markup: special tokens, but what a referring question legitimately sends
+GROUNDING_MARKUP = frozenset({"<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                              "<|quad_start|>", "<|quad_end|>"})
+
+
 @dataclass
 class ServeConfig:
     max_body_bytes: int = 24 * 2**20
@@ -98,6 +103,11 @@ class Server:
             self.placeholders = {IMAGE_TOKEN, tok.convert_ids_to_tokens(self.decoder.dm.image_token_id)} | {
                 t for t in (getattr(proc, "image_token", None), getattr(proc, "video_token", None)) if t}
             """strings a chat text may not hold: they are image slots for this model"""
+            self.control_tokens = sorted({t for t in list(tok.all_special_tokens) + [
+                a.content for a in getattr(tok, "added_tokens_decoder", {}).values() if getattr(a, "special", False)]
+                if t and t not in self.placeholders and len(t) > 1 and t not in GROUNDING_MARKUP}, key=len, reverse=True)
+            """the tokenizer's control tokens (<|im_end|>, <|im_start|> ...): typed into a message they would be
+            read as real turn boundaries, letting a user forge an assistant or system turn"""
         if self.pipe is None and self.clip is None:
             raise ValueError("serve needs a VLM (--model) or a CLIP (--clip)")
         self.ready = True
@@ -206,6 +216,10 @@ class Server:
         if hit:
             raise RequestError(400, f"the text contains the model's image placeholder {hit!r}; send images as "
                                     "image_url parts")
+        ctl = next((t for t in self.control_tokens if t in text), None)
+        if ctl:  # refused, not tokenised: as text the template would read it as a real turn boundary
+            raise RequestError(400, f"the text contains the model's control token {ctl!r} (chat-template markup "
+                                    "cannot be sent as message text)")
 
     def decode_uploads(self, media: list, uploads: list[tuple[int, str]], sample=None, settings=None) -> None:
         """Decode the listed uploads into ``media`` (in place: the Sample holds the same list); for a
