@@ -39,30 +39,11 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": r".*language_mod
 
 
 def build(folder: Path, width: int, seed: int, vocab: int) -> None:
-    import torch
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
-
-    from medvl.data.bundled import load_bundled
-    from medvl.models.native import NativeVLM
-    from medvl.models.tokenizers import build_bpe_tokenizer
-    tok = build_bpe_tokenizer([t.text for s in load_bundled("vqa-rad", "train") for t in s.conversation], vocab_size=1024)
-    tok.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    torch.manual_seed(seed)
-    half = width // 16  # 8 heads: head_dim / 2
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=max(vocab, len(tok)), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}),
-        vision_config=dict(depth=2, embed_dim=128, hidden_size=width, num_heads=4, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-                            tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=tok.chat_template)
-    NativeVLM(Qwen2VLForConditionalGeneration(cfg).eval(), proc).save(folder)
+    """A random Qwen2-VL of this width: 4 decoder blocks, 8 heads, a 2-block vision tower, the embedding table
+    padded to ``vocab`` rows (medvl.models.tiny_native)."""
+    from medvl.models.tiny_native import tiny_qwen2vl
+    tiny_qwen2vl(width, seed, layers=4, heads=8, kv_heads=4, vision_depth=2, vision_width=128, vision_heads=4,
+                 vocab_size=vocab, tokenizer_vocab=1024, tokenizer_split="train").save(folder)
 
 
 def rss_mb() -> float:

@@ -27,32 +27,36 @@ _QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_
 _BOX_TOKENS = ("<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>")
 
 
-def _tokenizer(vocab_size: int = 400):
+def _tokenizer(vocab_size: int = 400, split: str = "test"):
     from medvl.data.bundled import load_bundled
     from medvl.models.tokenizers import build_bpe_tokenizer
-    texts = [t.text for s in load_bundled("vqa-rad", "test") for t in s.conversation]
+    texts = [t.text for s in load_bundled("vqa-rad", split) for t in s.conversation]
     return build_bpe_tokenizer(texts, vocab_size=vocab_size)
 
 
-def tiny_qwen2vl(width: int = 64, seed: int = 0, boxes: bool = False):
-    """A :class:`medvl.models.native.NativeVLM` over a random Qwen2-VL of hidden size ``width``."""
+def tiny_qwen2vl(width: int = 64, seed: int = 0, boxes: bool = False, *, layers: int = 1, heads: int = 4,
+                 kv_heads: int = 2, vision_depth: int = 1, vision_width: int = 32, vision_heads: int = 2,
+                 vocab_size: int = 0, tokenizer_vocab: int = 400, tokenizer_split: str = "test"):
+    """A :class:`medvl.models.native.NativeVLM` over a random Qwen2-VL of hidden size ``width`` (the other
+    sizes as given; ``vocab_size`` pads the embedding table past the tokenizer's, as hub models do)."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
     from medvl.models.native import NativeVLM
-    tok = _tokenizer()
+    tok = _tokenizer(tokenizer_vocab, tokenizer_split)
     tok.add_tokens(list(_QWEN_TOKENS + (_BOX_TOKENS if boxes else ())), special_tokens=True)
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_TOKENS}
     torch.manual_seed(seed)
-    half = width // 8  # head_dim / 2 with 4 heads: the rotary sections must sum to it
-    mrope = [2, 3, 3] if width == 64 else [half - 2 * (half // 3), half // 3, half // 3]
+    half = width // heads // 2  # head_dim / 2: the rotary sections must sum to it
+    mrope = [2, 3, 3] if (width, heads) == (64, 4) else [half - 2 * (half // 3), half // 3, half // 3]
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+        text_config=dict(vocab_size=max(vocab_size, len(tok)), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=width, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=width, num_heads=vision_heads,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
