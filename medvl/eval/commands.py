@@ -117,7 +117,7 @@ def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = Non
                             candidates=ref_candidates or REF_KEYS)
     j = join(preds, refs, allow_missing=args.allow_missing, pred_path=args.pred, ref_path=args.ref, by=args.join)
     from medvl.eval.files import drop_empty_references
-    j.skipped_empty = drop_empty_references(j, args.empty_refs, args.ref)
+    drop_empty_references(j, args.empty_refs, args.ref)
     return j
 
 
@@ -125,7 +125,7 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], joined=None) -> in
     if joined is not None:
         result["missing"] = {"predictions_without_reference": joined.missing_reference,
                              "references_without_prediction": joined.missing_prediction}
-        skipped = getattr(joined, "skipped_empty", [])
+        skipped = joined.skipped_empty
         empty_preds = [i for i, p in zip(joined.ids, joined.preds) if isinstance(p.text, str) and not p.text.strip()]
         result["join"] = {"by": joined.by, "questions_agreeing": joined.questions_checked,
                           "matched_by_order": joined.matched_by_order}

@@ -181,6 +181,8 @@ class Joined:
     """pairs whose questions were compared (both files carry them) and agreed"""
     matched_by_order: int = 0
     """``by="question"``: pairs of a question asked more than once, matched in file order"""
+    skipped_empty: list[str] = field(default_factory=list)
+    """ids left out because their reference is empty (:func:`drop_empty_references`)"""
 
 
 def join(preds: list[Record], refs: list[Record], *, allow_missing: bool = False,
@@ -279,4 +281,5 @@ def drop_empty_references(joined: Joined, policy: str, ref_path: str = "referenc
     joined.ids = [joined.ids[k] for k in keep]
     joined.preds = [joined.preds[k] for k in keep]
     joined.refs = [joined.refs[k] for k in keep]
+    joined.skipped_empty = empty
     return empty

@@ -100,7 +100,8 @@ class NativeVLM:
         spans = []
         for i in which:
             head = self._n_tokens(turns[:i], True, images)
-            upto = self._n_tokens(turns[: i + 1], False, images)
+            # the last turn's prefix is the whole chat: its ids are the ones already laid out
+            upto = full_ids if i == len(turns) - 1 else self._n_tokens(turns[: i + 1], False, images)
             if upto[: len(head)] != head or full_ids[: len(upto)] != upto:
                 raise MedvlUserError("the chat template does not render the assistant turn as an extension of the "
                                      "prompt; cannot build a loss mask", record=f"id={sample.id!r}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from medvl.errors import MedvlUserError
-from medvl.train.config import TrainerConfig
+from medvl.train.config import TrainerConfig, closest
 
 
 @dataclass
@@ -104,7 +104,6 @@ LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "export")
 
 
 def _check_keys(section: dict, known, where: str) -> None:
-    from medvl.train.config import closest
     for k in section:
         if k not in known:
             raise MedvlUserError(f"{where}: unknown key {k!r}{closest(k, known)}; known: {', '.join(known)}")
@@ -114,7 +113,6 @@ def check_llm_section(llm: dict, where: str = "recipe.llm") -> None:
     """A pretrained source takes {source, num_hidden_layers}; an LM config's keys are checked against
     its transformers config class, so a typo (``hiden_size``) is an error with the closest name instead
     of an attribute Hugging Face keeps silently (it built a 4,096-wide model once)."""
-    from medvl.train.config import closest
     if "source" in llm:
         _check_keys(llm, ("source", "num_hidden_layers"), where)
         return
