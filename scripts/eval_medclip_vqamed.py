@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from medvl.data.formats import get_format
-from medvl.data.pairs import MODALITY_WORDS
+from medvl.data.describe import MODALITY_WORDS
 from medvl.data.splits import in_holdout
 from medvl.eval.classification import classification_scores
 from medvl.eval.zero_shot import DEFAULT_TEMPLATES, class_embeddings, embed_images, linear_probe

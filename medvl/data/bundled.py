@@ -47,3 +47,8 @@ def load_bundled(name: str = "vqa-rad", split: str = "train") -> list[Sample]:
             if m.path and not Path(m.path).is_absolute():
                 m.path = str(path.parent / m.path)
     return samples
+
+
+def bundled_image_stems(name: str = "vqa-rad") -> set[str]:
+    """File stems of every image of a bundled dataset, all splits (MedPix ids such as ``synpic54610``)."""
+    return {Path(m.path).stem for split in BUNDLED[name] for s in load_bundled(name, split) for m in s.images}

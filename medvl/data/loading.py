@@ -35,7 +35,11 @@ def load_training_samples(data: dict):
     without their images (ids ``ID#q``): listed beside the same source with images, one model
     learns the answers' question priors as well as the image evidence — modality dropout
     done in the data (as the unconditional half of classifier-free guidance training, Ho &
-    Salimans 2022)."""
+    Salimans 2022). ``describe: true`` adds one "Describe this image." sample per image, its
+    answer written from that image's own QA answers (:mod:`medvl.data.describe`), after the
+    held-out images are removed; ``describe: only`` keeps just those. ``exclude_images_of:
+    bundled:vqa-rad`` drops a source's images that also occur in the bundled VQA-RAD (as the
+    CLIP recipe does for VQA-Med), counted."""
     samples, skipped, _ = _load_split(data)
     return samples, skipped
 
@@ -80,7 +84,34 @@ def _load_split(data: dict):
         if part == "train":
             held = {Path(m.path).stem for s in samples for m in s.images if m.path and in_holdout(m.path, fraction, seed)}
         samples = kept
+    samples = _excluded(samples, data, skipped)
+    if data.get("describe"):
+        samples = _with_descriptions(samples, data.get("describe"), skipped)
     return samples, skipped, held
+
+
+def _excluded(samples: list, data: dict, skipped: dict) -> list:
+    what = data.get("exclude_images_of")
+    if not what:
+        return samples
+    if what != "bundled:vqa-rad":
+        raise MedvlUserError(f"data.exclude_images_of: unknown value {what!r} (bundled:vqa-rad)")
+    from medvl.data.bundled import bundled_image_stems
+    stems = bundled_image_stems("vqa-rad")
+    kept = [s for s in samples if not any(Path(m.path or "").stem in stems for m in s.images)]
+    if len(kept) < len(samples):
+        skipped[f"image also in {what}"] = len(samples) - len(kept)
+    return kept
+
+
+def _with_descriptions(samples: list, mode, skipped: dict) -> list:
+    from medvl.data.describe import description_samples
+    if mode not in (True, "only"):
+        raise MedvlUserError(f"data.describe must be true or only, got {mode!r}")
+    described, missed = description_samples(samples)
+    if missed:
+        skipped["images without a description (no usable answers)"] = missed
+    return described if mode == "only" else samples + described
 
 
 def _renamed(s, suffix: str):

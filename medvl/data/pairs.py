@@ -12,7 +12,6 @@ MMKD-CLIP teacher features are read from the samples' ``teacher_features`` refer
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvl.data.describe import REGION, YES_NO, modality_phrase
 from medvl.data.splits import check_split, keep_image
 from medvl.errors import MedvlUserError
 
@@ -46,37 +46,16 @@ class DataConfig:
     """which images to use when holdout > 0: train (the rest), holdout, or all"""
 
 
-_YES_NO = {"yes", "no"}
-REGION = {
-    "skull and contents": "head, brain", "face, sinuses, and neck": "head and neck",
-    "spine and contents": "spine", "musculoskeletal": "bones and joints",
-    "heart and great vessels": "chest, heart", "lung, mediastinum, pleura": "chest, lungs",
-    "gastrointestinal": "abdomen, bowel", "genitourinary": "abdomen and pelvis, kidneys",
-    "breast": "breast", "vascular and lymphatic": "blood vessels",
-}
-MODALITY_WORDS = [(r"^ct\b|^cta\b", "CT"), (r"^mr\b|mri|^t1\b|^t2\b|^flair\b", "MRI"), (r"^xr\b|plain film|x-ray", "X-ray"),
-                  (r"^us\b|ultrasound", "ultrasound"), (r"mammo", "mammography"), (r"^an\b|angio", "angiography"),
-                  (r"^nm\b|nuclear", "nuclear medicine"), (r"pet", "PET"), (r"^gi$|fluoro|barium|^ugi\b|^sbft\b|^be\b", "fluoroscopy")]
-
-
-def _modality_phrase(answer: str) -> str:
-    for pat, word in MODALITY_WORDS:
-        if re.search(pat, answer):
-            detail = answer.split(" - ", 1)[1] if " - " in answer else (answer if word == "MRI" else "")
-            return f"{word} ({detail})" if detail and detail.lower() != word.lower() else word
-    return answer
-
-
 def vqa_med_texts(answers: dict[str, str]) -> list[str]:
     """Captions for one image from its VQA-Med 2019 category answers (yes/no answers carry no
     description and are left out). The organ system's body region is spelt out so that
     plain words ("chest", "head", "abdomen") reach the text tower."""
     mod = answers.get("modality")
-    mod = _modality_phrase(mod) if mod and mod not in _YES_NO else None
+    mod = modality_phrase(mod) if mod and mod not in YES_NO else None
     plane = answers.get("plane")
     organ = answers.get("organ")
     abn = answers.get("abnormality")
-    abn = abn if abn and abn not in _YES_NO else None
+    abn = abn if abn and abn not in YES_NO else None
     region = REGION.get(organ or "", organ)
     parts = []
     head = " ".join(x for x in [plane, mod, "image"] if x)
@@ -133,8 +112,8 @@ def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
     root = Path(cfg.image_root) if cfg.image_root else data_dir
     exclude: set[str] = set()
     if cfg.exclude_images_of == "bundled:vqa-rad":
-        from medvl.data.bundled import load_bundled
-        exclude = {Path(m.path).stem for sp in ("train", "test") for s in load_bundled("vqa-rad", sp) for m in s.images}
+        from medvl.data.bundled import bundled_image_stems
+        exclude = bundled_image_stems("vqa-rad")
     elif cfg.exclude_images_of:
         raise MedvlUserError(f"data.exclude_images_of: unknown value {cfg.exclude_images_of!r} (bundled:vqa-rad)")
     by_image: dict[str, list] = defaultdict(list)

@@ -99,7 +99,7 @@ class VLMTrainConfig(TrainerConfig):
 
 
 DATA_KEYS = ("path", "format", "options", "image_root", "holdout", "holdout_seed", "part", "sources", "weight",
-             "question_only")
+             "question_only", "describe", "exclude_images_of")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "export")
 
 
