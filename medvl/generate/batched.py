@@ -7,8 +7,10 @@ once per distinct image (VQA sets ask many questions about one image), one
 channels-last layout; ``tower_precision="bf16"`` runs the tower under bf16 autocast
 (about 3x faster for the shipped CLIP tower on this CPU; 99.1 % of VQA-RAD answers
 unchanged), the default keeps float32. ``with_confidence=True`` yields ``(id, answer,
-confidence)`` with the geometric-mean probability of the answer's tokens (greedy or sampled). :func:`predict_to_file` writes JSONL and is resumable: ids already
-in the output file are skipped, so a killed run continues where it stopped.
+confidence)`` with the geometric-mean probability of the answer's tokens (greedy or sampled).
+Every path decodes under :class:`medvl.models.utf8.Utf8Guard`: answers are valid UTF-8.
+:func:`predict_to_file` writes JSONL and is resumable: ids already in the output file are
+skipped, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from medvl.data.collate import VLMCollator
 from medvl.data.schema import Sample
+from medvl.models.utf8 import Utf8Guard, finish_text
 from medvl.models.precision import as_pixels
 
 
@@ -36,6 +39,7 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
     prompts.sort(key=lambda x: len(x[1]))
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    guard = Utf8Guard.for_tokenizer(tok)  # no "\ufffd" answers
     bar = tqdm(total=len(prompts), desc="generating", unit="answer", disable=not progress)
     encoded: dict = {}  # questions often share an image: decode and encode each file once
     pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # decoding releases the GIL
@@ -70,13 +74,13 @@ def generate_answers(model, collator: VLMCollator, samples: Sequence[Sample], im
                 out, logp = greedy_decode(model.llm, model.embed(ids, None, vision_tokens), mask, max_new_tokens, eos,
                                           pad, model.position_ids(ids, mask), do_sample=gen_kwargs.get("do_sample", False),
                                           temperature=gen_kwargs.get("temperature", 1.0),
-                                          top_p=gen_kwargs.get("top_p", 1.0), return_logprobs=True)
+                                          top_p=gen_kwargs.get("top_p", 1.0), return_logprobs=True, utf8_guard=guard)
             else:
                 out = model.generate(ids, mask, None, vision_tokens, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                     pad_token_id=pad, **{"do_sample": False, **gen_kwargs})
+                                     pad_token_id=pad, utf8_guard=guard, **{"do_sample": False, **gen_kwargs})
         for k, ((s, _), row) in enumerate(zip(chunk, out.tolist())):
             n_tok = row.index(eos) + 1 if eos in row else len(row)  # the answer and its end-of-turn token
-            text = tok.decode(row[:n_tok - (eos in row)], skip_special_tokens=True).strip()
+            text = finish_text(tok.decode(row[:n_tok - (eos in row)], skip_special_tokens=True))
             if with_confidence:  # geometric-mean token probability of the whole answer
                 yield s.id, text, float(torch.exp(logp[k, :n_tok].mean())) if n_tok else 0.0
             else:

@@ -67,6 +67,7 @@ from medvl.errors import MedvlUserError
 from medvl.generate.decode_models import decoding_for
 from medvl.generate.packed_cache import PackedKVCache
 from medvl.generate.prompt_cache import PromptKV, TensorLRU
+from medvl.models.utf8 import Utf8Guard, finish_text
 
 
 class QueueFull(Exception):
@@ -130,6 +131,8 @@ class GenRequest:
     """position id of the last token it fed"""
     last: int = 0
     """the token it feeds next"""
+    utf8: int = 0
+    """continuation bytes its text still owes (medvl.models.utf8)"""
 
     def cancel(self) -> None:
         """The client went away: the row leaves the batch at the next step."""
@@ -162,6 +165,8 @@ class ContinuousDecoder:
         vocab = tokenizer.get_vocab()
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in vocab else tokenizer.eos_token_id
         self.pad_id = next(t for t in (tokenizer.pad_token_id, self.eos, 0, 1) if t is not None and t != image_id)
+        self.utf8 = Utf8Guard.for_tokenizer(tokenizer)
+        """only tokens that keep each answer valid UTF-8 (no "\ufffd"; medvl.models.utf8)"""
         """what a padding token feeds (any token but the image placeholder: the model would put vision there)"""
         self.rows: list[GenRequest] = []
         self._trimmed_at = 0
@@ -444,7 +449,10 @@ class ContinuousDecoder:
             self.col_owner, self.col_seq = self.col_owner[idx.cpu()], self.col_seq[idx.cpu()]
 
     def _choose(self, logits: torch.Tensor, reqs: list[GenRequest]) -> torch.Tensor:
-        """Each row's next token: argmax, or a draw from its own temperature / top-p nucleus."""
+        """Each row's next token: argmax, or a draw from its own temperature / top-p nucleus, among
+        the tokens that keep its text valid UTF-8."""
+        state = torch.tensor([r.utf8 for r in reqs])  # [b]
+        logits = self.utf8.mask(logits, state)
         nxt = logits.argmax(-1)  # [b]
         for i, r in enumerate(reqs):
             if r.temperature > 0:
@@ -454,6 +462,8 @@ class ContinuousDecoder:
                     sp = sp.masked_fill(sp.cumsum(-1) - sp > r.top_p, 0.0)
                     probs = torch.zeros_like(probs).scatter(-1, si, sp)
                 nxt[i] = torch.multinomial(probs, 1, generator=r.gen)[0]
+        for r, u in zip(reqs, self.utf8.advance(state, nxt).tolist()):
+            r.utf8 = u
         return nxt
 
     def _accept(self, rows: list[GenRequest], tokens: torch.Tensor) -> list[int]:
@@ -470,7 +480,7 @@ class ContinuousDecoder:
             r.tokens.append(t)
             done = len(r.tokens) >= r.max_new_tokens
             if r.stop or r.on_text is not None:
-                r.text = self.tok.decode(r.tokens, skip_special_tokens=True)
+                r.text = self.tok.decode(r.tokens, skip_special_tokens=True).rstrip("\ufffd")  # a character still open
                 cut = min((r.text.find(x) for x in r.stop if x in r.text), default=-1)
                 if cut >= 0:
                     r.text, done = r.text[:cut], True
@@ -484,7 +494,7 @@ class ContinuousDecoder:
 
     def _finish(self, r: GenRequest) -> None:
         if not (r.stop or r.on_text is not None):
-            r.text = self.tok.decode(r.tokens, skip_special_tokens=True)
+            r.text = finish_text(self.tok.decode(r.tokens, skip_special_tokens=True))
         self.counters["finished"] += 1
         if not r.future.done():
             r.future.set_result(r.text.strip())

@@ -23,6 +23,7 @@ import torch
 from medvl.data.boxes import MODEL_BOX_STYLE, model_turns
 from medvl.data.schema import IMAGE_TOKEN, Sample, count_placeholders
 from medvl.errors import MedvlUserError
+from medvl.models.utf8 import Utf8Guard, finish_text
 
 IGNORE = -100
 #: what one ``<image>`` becomes in the chat text, by model type (the processor expands it)
@@ -162,11 +163,13 @@ class NativeVLM:
             images = [im for s in chunk for im in self._images(s)] or None
             self.tok.padding_side = "left"
             enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+            guard = Utf8Guard.for_tokenizer(self.tok)
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
                                       **{"do_sample": False, **gen}, output_scores=with_confidence,
-                                      return_dict_in_generate=True)
+                                      return_dict_in_generate=True,
+                                      logits_processor=[guard.logits_processor(enc["input_ids"].shape[1])])
             new = out.sequences[:, enc["input_ids"].shape[1]:]
-            texts = [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
+            texts = [finish_text(self.tok.decode(row, skip_special_tokens=True)) for row in new]
             if not with_confidence:
                 answers += texts
                 continue

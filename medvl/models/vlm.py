@@ -139,6 +139,7 @@ class MedVLM(PreTrainedModel):
         """
         embeds = self.embed(input_ids, pixel_values, vision_tokens)
         position_ids = gen_kwargs.pop("position_ids", None)
+        guard = gen_kwargs.pop("utf8_guard", None)
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask)
         lean = {"max_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "num_beams", "use_cache",
@@ -147,7 +148,10 @@ class MedVLM(PreTrainedModel):
             return greedy_decode(self.llm, embeds, attention_mask, gen_kwargs.get("max_new_tokens", 20),
                                  gen_kwargs.get("eos_token_id"), gen_kwargs.get("pad_token_id"), position_ids,
                                  do_sample=gen_kwargs.get("do_sample", False),
-                                 temperature=gen_kwargs.get("temperature", 1.0), top_p=gen_kwargs.get("top_p", 1.0))
+                                 temperature=gen_kwargs.get("temperature", 1.0), top_p=gen_kwargs.get("top_p", 1.0),
+                                 utf8_guard=guard)
+        if guard is not None:
+            gen_kwargs["logits_processor"] = [*gen_kwargs.get("logits_processor", []), guard.logits_processor()]
         if position_ids is not None:
             raise MedvlUserError("modality-gap / custom position ids work with greedy or sampled cached decoding, "
                                  "not with beams, stop strings or use_cache=False")
@@ -185,7 +189,7 @@ class MedVLM(PreTrainedModel):
 def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                   eos_token_id: int | list | None, pad_token_id: int | None,
                   position_ids: torch.Tensor | None = None, *, do_sample: bool = False, temperature: float = 1.0,
-                  top_p: float = 1.0, return_logprobs: bool = False, on_token=None):
+                  top_p: float = 1.0, return_logprobs: bool = False, on_token=None, utf8_guard=None):
     """Greedy (or sampled) decoding with a KV cache from prompt embeddings; returns new tokens [B, new]
     (and, with ``return_logprobs``, each chosen token's log-probability [B, new], 0 after EOS).
 
@@ -199,6 +203,8 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
     last position's logits are computed (``logits_to_keep=1``). A row that produced EOS leaves
     the batch (its KV cache rows are dropped), so short answers do not pay for long ones; its
     remaining positions are ``pad_token_id``. The loop stops when every row has finished.
+    ``utf8_guard`` (:class:`medvl.models.utf8.Utf8Guard`) allows only tokens that keep each row's
+    text valid UTF-8 (no "\ufffd" in an answer).
     """
     from transformers import DynamicCache
 
@@ -217,9 +223,14 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
     logps = torch.zeros(B, max_new_tokens, device=dev)
     alive = torch.arange(B, device=dev)  # rows still decoding; finished rows leave the batch and its cache
     steps = 0
+    utf8 = torch.zeros(B, dtype=torch.long)  # [b] continuation bytes each row still owes
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # [b, V], b = rows alive
+        if utf8_guard is not None:
+            logits = utf8_guard.mask(logits, utf8)
         nxt = _sample(logits, temperature, top_p) if do_sample else logits.argmax(-1)  # [b]
+        if utf8_guard is not None:
+            utf8 = utf8_guard.advance(utf8, nxt)
         tokens[alive, step] = nxt
         if return_logprobs:
             logps[alive, step] = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
@@ -233,6 +244,7 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None
             keep = (~fin).nonzero()[:, 0]
             out.past_key_values.batch_select_indices(keep)
             alive, nxt, pos, mask = alive[keep], nxt[keep], pos[keep], mask[keep]
+            utf8 = utf8[keep.cpu()]
         pos = pos + 1
         mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], dim=1)
         out = llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=out.past_key_values,
