@@ -24,7 +24,7 @@ ROWS = [["errors", "registry"], ["data"], ["models", "losses"], ["eval"], ["gene
 NOTES = {"data": "schema, formats, image I/O,\ntransforms, collate, pairs", "models": "towers, connectors, VLM,\nnative, CLIP, answer logits",
          "losses": "contrastive, MMKD,\nlogit KD", "eval": "metrics, zero-shot,\nsuites", "generate": "batched decoding,\npipeline, SASG",
          "distill": "teachers, pseudo-labels,\ncorrections", "train": "engine/ + recipes\n(clip, vlm, reflect)",
-         "serve": "HTTP API, page", "cli": "cli.py + */commands.py", "medvl": "medvl.load", "quickstart": "main job",
+         "serve": "HTTP API, page", "cli": "one module per\ncommand group", "medvl": "medvl.load", "quickstart": "main job",
          "errors": "", "registry": ""}
 
 

@@ -2,9 +2,9 @@
 import``, at module level or inside functions).
 
 Layers, bottom to top: ``errors`` / ``registry`` -> ``data`` -> ``models`` / ``losses`` ->
-``eval`` -> ``generate`` / ``distill`` -> ``train`` -> ``serve`` / ``quickstart`` / ``cli``.
-The ``commands.py`` module of each package is that package's slice of the command line and
-belongs to the CLI layer (it may import any layer; nothing imports it but ``cli``).
+``eval`` -> ``generate`` / ``distill`` -> ``train`` -> ``serve`` / ``quickstart`` -> ``cli``.
+The ``medvl.cli`` package is the command line, one module per command group; it may import any
+layer and nothing imports it.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ def _edges(mods: dict[str, Path]) -> dict[str, set[str]]:
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if parts[-1] == "commands" or module == "medvl.cli":
-        return "cli"
     return parts[1] if len(parts) > 1 else "medvl"
 
 
@@ -104,6 +102,11 @@ def test_models_import_nothing_above_them():
 def test_distill_and_generate_never_import_train():
     assert _violations("distill", {"train", "serve", "cli"}) == []
     assert _violations("generate", {"train", "distill", "serve", "cli"}) == []
+
+
+def test_nothing_imports_the_command_line():
+    assert sorted(f"{a} -> {b}" for a, bs in _edges(_modules()).items() for b in bs
+                  if _layer(b) == "cli" and _layer(a) != "cli") == []
 
 
 def test_data_is_the_ground_floor():

@@ -491,7 +491,7 @@ def test_the_server_caps_onednn_kernel_cache_before_its_first_kernel():
     import os
     import subprocess
     import sys
-    code = ("import sys, torch\nfrom medvl.serve.commands import bound_kernel_cache\n"
+    code = ("import sys, torch\nfrom medvl.cli.serve import bound_kernel_cache\n"
             "bound_kernel_cache(int(sys.argv[1]))\nc = torch.nn.Conv2d(3, 8, 3)\n"
             "with torch.no_grad():\n    for n in (1, 2, 1, 2, 1):\n        c(torch.randn(n, 3, 16, 16))\n")
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
@@ -513,7 +513,7 @@ def test_allocator_choice(monkeypatch):
     import os
 
     from medvl.errors import MedvlUserError
-    from medvl.serve import commands
+    from medvl.cli import serve as commands
     assert commands.allocator_preload("system", {}) is None
     assert commands.allocator_preload("auto", {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
     assert commands.allocator_preload("jemalloc", {"LD_PRELOAD": "libjemalloc.so.2 x.so"}) is None  # the re-exec
@@ -546,7 +546,7 @@ def test_medvl_serve_starts_on_the_allocator_it_reports():
 
     import httpx
 
-    from medvl.serve.commands import allocator_preload
+    from medvl.cli.serve import allocator_preload
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     want = "jemalloc" if allocator_preload("auto", env) and sys.platform.startswith("linux") else "system"
     bad = subprocess.run([sys.executable, "-m", "medvl.cli", "serve", "--model", "", "--clip", ""], env=env,

@@ -1,7 +1,10 @@
 """The ``medvl`` command line.
 
-Each command group lives beside the code it drives (``medvl data ...`` in
-:mod:`medvl.data.commands`, ``medvl eval ...`` in :mod:`medvl.eval.commands`) and registers its sub-parsers here. User errors
+One module per command group, named as the command: ``medvl data ...`` in
+:mod:`medvl.cli.data`, ``medvl eval ...`` in :mod:`medvl.cli.eval`, ``medvl zero-shot`` and
+``medvl clip ...`` in :mod:`medvl.cli.clip`, ``medvl predict`` and ``medvl chat`` in
+:mod:`medvl.cli.predict`; each registers its sub-parsers here. This package is the top layer:
+it may import any other, nothing imports it. User errors
 (:class:`MedvlUserError`) print one line ``medvl: error: ...`` and exit with code 2, with
 no traceback; set ``MEDVL_DEBUG=1`` to see the traceback anyway.
 """
@@ -13,38 +16,21 @@ import os
 import sys
 
 from medvl import __version__
+from medvl.cli import clip, data, distill, eval, lm, predict, quickstart, serve, train
 from medvl.errors import MedvlUserError
+
+GROUPS = (data, eval, train, clip, lm, predict, distill, serve, quickstart)
+"""the command groups, in the order ``medvl --help`` lists them"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medvl.data import commands as data_commands
-    from medvl.distill import commands as distill_commands
-    from medvl.serve import commands as serve_commands
-    from medvl.eval import commands as eval_commands
-    from medvl.generate import commands as generate_commands
-    from medvl.models import commands as model_commands
-    from medvl.train import commands as train_commands
-
     p = argparse.ArgumentParser(prog="medvl", description="Medical vision-language models: data, "
                                 "training, distillation, evaluation and serving.")
     p.add_argument("--version", action="version", version=f"medvl {__version__}")
     sub = p.add_subparsers(dest="group", metavar="COMMAND")
     sub.required = True
-    data_commands.add_parser(sub)
-    eval_commands.add_parser(sub)
-    train_commands.add_parser(sub)
-    model_commands.add_parser(sub)
-    generate_commands.add_parser(sub)
-    distill_commands.add_parser(sub)
-    serve_commands.add_parser(sub)
-    q = sub.add_parser("quickstart", help="train a small VLM on the bundled VQA-RAD and evaluate it (with and without images)")
-    q.add_argument("--out", default="medvl-quickstart")
-    q.add_argument("--lm", default="smollm2", choices=["smollm2", "small"],
-                   help="smollm2: SmolLM2-135M-Instruct cut to 4 blocks (fetched once, ~100 MB); small: a 4-layer "
-                        "LM trained from scratch, nothing to fetch")
-    q.add_argument("--epochs", type=int, default=None, help="default: 8 (smollm2), 15 (small)")
-    q.set_defaults(func=lambda a: __import__("medvl.quickstart", fromlist=["run_quickstart"]).run_quickstart(
-        __import__("pathlib").Path(a.out), a.epochs, lm=a.lm))
+    for group in GROUPS:
+        group.add_parser(sub)
     return p
 
 
@@ -79,14 +65,10 @@ def _os_error_line(e: OSError) -> str | None:
     if e.filename is None or not isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError,
                                                 FileNotFoundError, FileExistsError)):
         return None
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     try:
         if package in Path(str(e.filename)).resolve().parents:
             return None
     except (OSError, RuntimeError):
         pass
     return f"{e.filename}: {e.strerror or type(e).__name__}"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -77,10 +77,10 @@ def _gen_kwargs(args: argparse.Namespace, tokenizer) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medvl.data.commands import load_for_stats
+    from medvl.cli.data import load_for_stats
     from medvl.generate.pipeline import load
 
-    from medvl.data.commands import parse_kv
+    from medvl.cli.data import parse_kv
     from medvl.data.textfile import check_output_path
     check_output_path(args.out)  # before the model loads
     samples = load_for_stats(args.data, args.format, parse_kv(args.read_opt), image_root=args.image_root)

@@ -9,7 +9,7 @@ from medvl.errors import MedvlUserError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a VLM (OpenAI chat API) and a CLIP (zero-shot, embeddings) with a web page")
-    from medvl.generate.commands import DEFAULT_VLM
+    from medvl.cli.predict import DEFAULT_VLM
     p.add_argument("--model", default=DEFAULT_VLM, help=f"VLM folder or shipped name (default {DEFAULT_VLM}; '' for none)")
     p.add_argument("--clip", default="medclip-r10t-minilm-v2", help="CLIP folder or shipped name ('' for none)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

@@ -109,7 +109,7 @@ def _load(args: argparse.Namespace, ref_candidates: tuple[str, ...] | None = Non
     preds = read_records(args.pred, text_key=args.pred_key, id_key=args.id_key, candidates=PRED_KEYS)
     args.ref = _bundled_or_path(args.ref)
     if getattr(args, "ref_format", None):
-        from medvl.data.commands import parse_kv
+        from medvl.cli.data import parse_kv
         from medvl.eval.files import records_from_format
         refs = records_from_format(args.ref, args.ref_format, parse_kv(args.ref_opt))
     else:

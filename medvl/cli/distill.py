@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from medvl.data.commands import load_for_stats
+    from medvl.cli.data import load_for_stats
     from medvl.data.schema import write_jsonl
     from medvl.distill.pseudo import pseudo_label
 
@@ -57,7 +57,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from medvl.data.commands import load_for_stats
+    from medvl.cli.data import load_for_stats
     from medvl.distill.teacher import cache_teacher
 
     samples = load_for_stats(args.data, args.format, {})
