@@ -228,7 +228,7 @@ def test_shipped_model_zero_shot_organ():
     """Regression: the shipped CLIP separates head / chest / abdomen on VQA-RAD images it never saw."""
     from medvl.data.bundled import load_bundled
     from medvl.eval.zero_shot import zero_shot
-    from medvl.models.clip import PRETRAINED_DIR
+    from medvl.models.hub import PRETRAINED_DIR
     if not (PRETRAINED_DIR / "medclip-r10t-minilm" / "model.safetensors").exists():
         pytest.skip("the shipped model is not in this checkout")
     m = MedCLIP.from_pretrained("medclip-r10t-minilm")
@@ -320,7 +320,7 @@ def test_expected_load_report_silenced_real_ones_kept():
 
     from transformers import AutoModel
 
-    from medvl.models.clip import minilm_path
+    from medvl.models.hub import minilm_path
     from medvl.models.quiet import expected_unused
 
     class Keep(logging.Handler):

@@ -43,7 +43,7 @@ def test_live_teacher_distillation_logs_kd_and_never_touches_the_teacher(teacher
 
 def test_cached_topk_teacher_equals_live_topk_and_trains(teacher_dir, tmp_path):
     from medvl.distill.teacher import CachedTeacher, LiveTeacher, cache_teacher
-    from medvl.generate.pipeline import load_model_tokenizer
+    from medvl.models.hub import load_model_tokenizer
     from medvl.train.vlm import train_vlm
     data = load_bundled("vqa-rad", "train")[:16]
     info = cache_teacher(teacher_dir, data, tmp_path / "cache", topk=8, max_length=128, batch_size=5, progress=False)
@@ -103,7 +103,7 @@ def test_cli_pseudo_label_and_cache_teacher(teacher_dir, tmp_path, capsys):
 def test_correction_samples_learn_only_the_correct_answer(teacher_dir):
     from medvl.data.collate import VLMCollator
     from medvl.distill.reflect import REFLECT_PROMPT, correction_samples, is_mistake
-    from medvl.generate.pipeline import load_model_tokenizer
+    from medvl.models.hub import load_model_tokenizer
     assert is_mistake("no", "yes", "CLOSED") and not is_mistake("yes, it is", "yes", "CLOSED")
     assert is_mistake("left lung", "right kidney", "OPEN") and not is_mistake("the right kidney", "right kidney")
     assert is_mistake("<|box_start|>(0,0),(10,10)<|box_end|>", "[50, 50, 90, 90]", task="grounding")

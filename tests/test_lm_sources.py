@@ -111,8 +111,8 @@ def test_the_default_vlm_loads_its_weights_from_smollm2_and_answers(smol, monkey
     answers VQA-RAD's closed questions well above the majority answer (0.49)."""
     import medvl
     from medvl.data.bundled import load_bundled
-    from medvl.cli.predict import DEFAULT_VLM
-    from medvl.generate.pipeline import resolve_model_path
+    from medvl.models.hub import DEFAULT_VLM
+    from medvl.models.hub import resolve_model_path
 
     monkeypatch.setenv("MEDVL_CACHE", str(smol.parent.parent))
     assert DEFAULT_VLM == "medvl-vqarad-smollm2-30"

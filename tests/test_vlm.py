@@ -125,7 +125,7 @@ def test_collator_never_cuts_image_tokens(tok):
 
 def test_shipped_clip_tower_in_a_vlm(tok):
     pytest.importorskip("open_clip")
-    from medvl.models.clip import PRETRAINED_DIR
+    from medvl.models.hub import PRETRAINED_DIR
     if not (PRETRAINED_DIR / "medclip-r10t-minilm").exists():
         pytest.skip("shipped CLIP not in this checkout")
     m = make(tok, "mlp2x_gelu", {"name": "medclip", "source": "medclip-r10t-minilm"})
@@ -503,7 +503,7 @@ def test_system_prompt_replaces_a_templates_default_and_keeps_a_given_one():
 
 def test_system_prompt_is_saved_with_the_model_and_used_by_predict(tmp_path):
     from medvl.data.bundled import load_bundled
-    from medvl.generate.pipeline import load_model_tokenizer
+    from medvl.models.hub import load_model_tokenizer
     from medvl.train.vlm import train_vlm
     train = load_bundled("vqa-rad", "train")[:16]
     res = train_vlm(_tiny_cfg(tmp_path, system_prompt="You read radiographs."), train, progress=False)

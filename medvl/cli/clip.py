@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from medvl.errors import MedvlUserError
+from medvl.models.hub import DEFAULT_CLIP
 
-DEFAULT_MODEL = "medclip-r10t-minilm-v2"
+DEFAULT_MODEL = DEFAULT_CLIP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

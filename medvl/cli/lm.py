@@ -61,7 +61,7 @@ def cmd_lm_pack(args: argparse.Namespace) -> int:
 
     import torch
 
-    from medvl.generate.pipeline import resolve_model_path
+    from medvl.models.hub import resolve_model_path
     from medvl.models.vlm import load_vlm
     src = resolve_model_path(args.model)
     out = Path(args.out)

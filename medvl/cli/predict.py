@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medvl.generate.pipeline import DEFAULT_VLM  # noqa: F401 (the --model default here)
+from medvl.models.hub import DEFAULT_VLM
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -9,9 +9,9 @@ from medvl.errors import MedvlUserError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a VLM (OpenAI chat API) and a CLIP (zero-shot, embeddings) with a web page")
-    from medvl.cli.predict import DEFAULT_VLM
+    from medvl.models.hub import DEFAULT_CLIP, DEFAULT_VLM
     p.add_argument("--model", default=DEFAULT_VLM, help=f"VLM folder or shipped name (default {DEFAULT_VLM}; '' for none)")
-    p.add_argument("--clip", default="medclip-r10t-minilm-v2", help="CLIP folder or shipped name ('' for none)")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP folder or shipped name ('' for none)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (or env MEDVL_API_KEY)")

@@ -35,7 +35,7 @@ class LiveTeacher:
     def __init__(self, path: str | Path, tokenizer, max_length: int, device: str = "cpu", topk: int = 0,
                  precision: str = "auto"):
         from medvl.data.collate import VLMCollator
-        from medvl.generate.pipeline import resolve_model_path
+        from medvl.models.hub import resolve_model_path
         from medvl.models.vlm import load_vlm
 
         self.model = load_vlm(resolve_model_path(path)).to(device).eval()
@@ -150,7 +150,7 @@ def is_native_folder(path: str | Path) -> bool:
 
 def live_teacher(path: str | Path, max_length: int, device: str = "cpu", topk: int = 0, precision: str = "auto"):
     """The live teacher for a composed VLM folder or shipped name, or a native folder or hub id."""
-    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
+    from medvl.models.hub import load_model_tokenizer, resolve_model_path
     try:
         folder = resolve_model_path(path)
     except MedvlUserError:
@@ -172,7 +172,7 @@ class CachedTeacher:
         self.values, self.indices, offsets = t["values"], t["indices"], t["offsets"].tolist()
         self.index = json.loads((folder / "index.json").read_text())
         self.span = {sid: (offsets[k], offsets[k + 1]) for k, sid in enumerate(self.index["ids"])}
-        from medvl.generate.pipeline import load_model_tokenizer
+        from medvl.models.hub import load_model_tokenizer
         self.tokenizer = load_model_tokenizer(folder)
 
     def prepare(self, samples: Sequence) -> set[str]:

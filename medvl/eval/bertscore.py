@@ -36,7 +36,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
 def default_model_path() -> str:
-    from medvl.models.clip import minilm_path
+    from medvl.models.hub import minilm_path
     return minilm_path()
 
 

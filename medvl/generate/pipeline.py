@@ -15,32 +15,8 @@ from typing import Sequence
 
 from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
+from medvl.models.hub import load_model_tokenizer, resolve_model_path
 from medvl.models.precision import for_inference
-
-DEFAULT_VLM = "medvl-vqarad-smollm2-30"  # of chat / predict / serve; reads SmolLM2 from its source (gguf: lm extras)
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """A folder, or the name of a model shipped with the package (medvl/pretrained/NAME)."""
-    from medvl.models.clip import PRETRAINED_DIR
-    path = Path(path)
-    if not path.exists() and (PRETRAINED_DIR / str(path)).is_dir():
-        return PRETRAINED_DIR / str(path)
-    if not path.is_dir():
-        raise MedvlUserError("no VLM folder here (expected config.json, model.safetensors and a tokenizer)", path=path)
-    return path
-
-
-def load_model_tokenizer(path: str | Path):
-    """The tokenizer saved with a VLM folder (its ``tokenizer/`` subfolder, or the folder itself)."""
-    from transformers import AutoTokenizer
-    path = Path(path)
-    tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    try:
-        return AutoTokenizer.from_pretrained(str(tok_dir))
-    except OSError as e:
-        raise MedvlUserError(f"no tokenizer saved with the model ({e})", path=path) from None
-
 
 class VLMPipeline:
     def __init__(self, path: str | Path, max_length: int = 512, precision: str = "fp32"):

