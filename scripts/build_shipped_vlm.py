@@ -10,7 +10,11 @@ Trains the recipe's image model and its **question-only twin** (the same recipe 
 * the VQA-RAD test split (bundled): real image, another test image (3 seeds), a blank
   image, the twin;
 * the held-out VQA-Med 2019 images of the recipe's ``holdout`` source (never seen by the
-  CLIP tower or the VLM): exact-match accuracy per category, real vs shuffled vs twin.
+  CLIP tower or the VLM): exact-match accuracy per category, real vs shuffled vs twin vs the
+  no-image lookup (the most common training answer to the same question); with ``describe``
+  in that source, the descriptions of the held-out images (BLEU-4 / ROUGE-L / CIDEr-D against
+  the ones written from their answers, and how often modality and region are right, real and
+  shuffled), and ten held-out images answered beside the truth (the model card's examples).
 
 Writes ``results.json`` and the loss curve beside the weights and copies the model to
 ``--out`` unless ``--no-ship``.
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from medvl.data.bundled import load_bundled
 from medvl.data.loading import load_training_samples, strip_images
+from medvl.eval.descriptions import description_scores, lookup_answers
 from medvl.eval.image_controls import control_answers, answers, exact_by_category, paired_gap, vqa_gap
 from medvl.eval.suites import evaluate_vqa
 from medvl.train.config import load_recipe
@@ -47,13 +52,37 @@ def held_out_section(cfg: VLMTrainConfig) -> dict | None:
     return None
 
 
+def held_out_extras(model, coll, train, held: list, described: list) -> dict:
+    """The lookup control, the descriptions (real and shuffled images) and ten examples of the held-out images."""
+    from medvl.data.controls import image_control
+    out = {"lookup": {k: v for k, v in exact_by_category(held, lookup_answers(train, held)).items() if k != "per_item"}}
+    if described:
+        real = answers(model, coll, described, max_new_tokens=64, progress=True)
+        shuf = answers(model, coll, image_control(described, "shuffled", seed=0), max_new_tokens=64)
+        out["descriptions"] = {"real": description_scores(described, real),
+                               "shuffled": description_scores(described, shuf)}
+        by_image: dict = {}
+        for s in held:
+            by_image.setdefault(s.images[0].path, []).append(s)
+        picks = sorted(by_image)[:: max(1, len(by_image) // 10)][:10]
+        qa = answers(model, coll, [s for p in picks for s in by_image[p]])
+        out["examples"] = [{"image": Path(p).name,
+                            "qa": [{"question": s.conversation[-2].text.replace("<image>", "").strip(),
+                                    "truth": s.conversation[-1].text, "answer": qa[s.id]} for s in by_image[p]],
+                            "description": real.get(f"{Path(p).stem}/describe", ""),
+                            "reference_description": next((d.conversation[-1].text for d in described
+                                                           if d.images[0].path == p), "")} for p in picks]
+        out["replacement_characters"] = sum("\ufffd" in a for a in [*real.values(), *qa.values()])
+    return out
+
+
 def trained_run(cfg: VLMTrainConfig, work: Path) -> dict:
     """The image model of a run already trained (``--model-run``), in :func:`train_vlm`'s return shape.
     Its saved recipe must train what ``cfg`` trains (output_dir and the eval section may differ)."""
     import yaml
 
     from medvl.data.collate import VLMCollator
-    from medvl.generate.pipeline import load_model_tokenizer
+    from medvl.models.hub import load_model_tokenizer
     from medvl.models.vlm import load_vlm
     from medvl.train.config import to_dict
     model_dir = work / "model"
@@ -87,7 +116,7 @@ def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test, delta_bits: i
         import torch
 
         from medvl.data.collate import VLMCollator
-        from medvl.generate.pipeline import load_model_tokenizer
+        from medvl.models.hub import load_model_tokenizer
         from medvl.models.vlm import load_vlm
         full = load_vlm(model_dir)
         full.save_vlm(dest, dtype=torch.bfloat16 if dtype == "bf16" else None, delta_bits=delta_bits)
@@ -148,6 +177,8 @@ def main() -> int:
     test = load_bundled("vqa-rad", "test")
     sec = held_out_section(cfg)
     held = load_training_samples(sec)[0] if sec and not args.no_held_out else []
+    described = [s for s in held if s.labels.get("category") == "describe"]
+    held = [s for s in held if s.labels.get("category") != "describe"]
     work = Path(args.model_run) if args.model_run else Path(cfg.output_dir)
     res = trained_run(cfg, work) if args.model_run else train_vlm(cfg, train)
     model, coll = res["model"], res["collator"]
@@ -159,6 +190,7 @@ def main() -> int:
                                                   if held else ""), flush=True)
     med = {k: [exact_by_category(held, p) for p in v]
            for k, v in control_answers(model, coll, held, blank=False, progress=True).items()} if held else {}
+    extras = held_out_extras(model, coll, train, held, described) if held else {}
     if not args.no_twin:
         print("training its question-only twin next", flush=True)
     twin = None
@@ -188,6 +220,8 @@ def main() -> int:
                                                                  for e in med["shuffled"]],
                                    "gap_vs_shuffled": paired_gap(med["real"][0]["per_item"],
                                                                  [e["per_item"] for e in med["shuffled"]])}
+        out["vqa_med_held_out"].update(extras)
+        out["vqa_med_held_out"]["gap_vs_lookup"] = {"accuracy": strip[0]["accuracy"] - extras["lookup"]["accuracy"]}
         if twin:
             out["vqa_med_held_out"]["twin"] = {k: v for k, v in twin["med"].items() if k != "per_item"}
             out["vqa_med_held_out"]["gap_vs_twin"] = paired_gap(med["real"][0]["per_item"], [twin["med"]["per_item"]])
@@ -207,7 +241,13 @@ def main() -> int:
         print(f"VQA-Med held out ({h['questions']} questions): real {h['real']['accuracy']:.3f} " +
               json.dumps({k: round(v["accuracy"], 3) for k, v in h["real"]["by_category"].items()}) +
               f"; shuffled {sum(e['accuracy'] for e in h['shuffled']) / len(h['shuffled']):.3f}" +
+              f"; lookup {h['lookup']['accuracy']:.3f}" +
               (f"; twin {h['twin']['accuracy']:.3f}" if twin else ""))
+        if "descriptions" in h:
+            d = h["descriptions"]
+            print("descriptions of held-out images: " + "; ".join(
+                f"{k} BLEU-4 {v['bleu_4']:.3f} ROUGE-L {v['rouge_l']:.3f} CIDEr-D {v['cider_d']:.3f} modality right "
+                f"{v['modality_right']:.3f} region right {v['region_right']:.3f}" for k, v in d.items()))
     if not args.no_ship:
         ship(work / "model", Path(args.out), args.dtype, out, test, args.delta_bits)
     print(f"total {out['total_seconds']:.0f} s")

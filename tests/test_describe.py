@@ -84,3 +84,18 @@ def test_generalist_mix_keeps_held_out_and_vqa_rad_images_out():
     assert any(k.endswith("image also in bundled:vqa-rad") for k in skipped)
     described = [s for s in held if s.id.endswith("/describe")]
     assert described and len(described) == len({s.images[0].path for s in held})
+
+
+def test_description_scores_and_lookup_control():
+    from medvl.eval.descriptions import description_scores, lookup_answers
+    from medvl.eval.image_controls import exact_by_category
+    described, _ = description_samples(load_bundled("vqa-rad", "test"))
+    perfect = description_scores(described, {s.id: s.conversation[-1].text for s in described})
+    assert perfect["rouge_l"] == pytest.approx(1.0) and perfect["region_right"] == 1.0
+    wrong = description_scores(described, {s.id: "A CT image of the head." for s in described})
+    assert wrong["region_right"] < 0.5 and wrong["cider_d"] < perfect["cider_d"]
+    train, test = load_bundled("vqa-rad", "train"), load_bundled("vqa-rad", "test")
+    lookup = lookup_answers(train, test)
+    assert set(lookup) == {s.id for s in test}
+    acc = exact_by_category(test, lookup)["accuracy"]
+    assert 0.25 < acc < 0.45  # the question-text prior alone: 0.337 on VQA-RAD test
