@@ -129,3 +129,26 @@ def test_chexpert_bootstrap_gives_every_micro_and_macro_score_an_interval():
     for k in ("chexpert_micro_f1_14", "chexpert_macro_f1_14", "chexpert_micro_f1_5", "chexpert_macro_f1_5"):
         assert k in res["metrics"] and k in res["ci"], k
         assert 0.0 <= res["ci"][k]["low"] <= res["ci"][k]["high"] <= 1.0 and res["ci"][k]["n_boot"] == 30
+
+
+def test_report_metrics_are_one_registry():
+    """Each metric is one registered object; the command line's list is the registry's."""
+    import contextlib
+    import io
+
+    from medvl.cli import main
+    from medvl.eval.report_metrics import REPORT_METRICS, MetricOutput, ReportMetric
+    from medvl.eval.suites import evaluate_reports
+    assert all(REPORT_METRICS.get(n).about and REPORT_METRICS.get(n).text in ("normalised", "raw")
+               for n in REPORT_METRICS)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        main(["eval", "report", "--help"])
+    assert all(n in "".join(buf.getvalue().split()) for n in REPORT_METRICS)  # help wraps at hyphens
+    if "test-length" not in REPORT_METRICS:  # adding a metric is one register call
+        REPORT_METRICS.register("test-length", ReportMetric(
+            "test-length", "words per prediction", lambda x: MetricOutput(
+                scores={"length": sum(len(h.split()) for h in x.H) / len(x.H)},
+                per_sample={"length": [float(len(h.split())) for h in x.H]})))
+    got = evaluate_reports(["a b c", "d e"], ["a b", "d e f g"], metrics=["test-length", "rouge-l"], bootstrap=50)
+    assert got["metrics"]["length"] == 3.0 and "length" in got["ci"] and "rouge_l[r2gen]" in got["metrics"]

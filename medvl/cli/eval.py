@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--out", help="write the full result as JSON")
         sp.add_argument("--html", help="write a self-contained HTML report with plots")
 
-    from medvl.eval.suites import DEFAULT_REPORT_METRICS, REPORT_METRICS
+    from medvl.eval.report_metrics import DEFAULT_REPORT_METRICS, REPORT_METRICS
     r = esub.add_parser("report", help="report generation: BLEU, ROUGE-L, CIDEr-D, METEOR, BERTScore, CheXpert")
     common(r)
     r.add_argument("--metrics", default=",".join(DEFAULT_REPORT_METRICS),

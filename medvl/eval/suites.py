@@ -1,7 +1,7 @@
 """The Python API of evaluation: one function per task, each returning a plain dict.
 
-``evaluate_reports(refs, hyps, metrics=[...])`` runs metrics selected by exact name
-(``REPORT_METRICS``). Every n-gram score is labelled with its text normalisation
+``evaluate_reports(refs, hyps, metrics=[...])`` runs metrics selected by exact name from the
+registry :data:`medvl.eval.report_metrics.REPORT_METRICS`. Every n-gram score is labelled with its text normalisation
 (``bleu4[r2gen]``) and every model-based score with its model, so numbers computed under
 different conventions cannot be confused. Defaults: BLEU-1..4, ROUGE-L, CIDEr-D, METEOR
 (the jar when Java and pycocoevalcap are installed, else ``meteor_native`` — the key
@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from medvl.errors import MedvlUserError
+from medvl.eval.bootstrap import bootstrap_mean
+from medvl.eval.report_metrics import DEFAULT_REPORT_METRICS, REPORT_METRICS, MetricInput
+from medvl.eval.text import normalise
 
-REPORT_METRICS = ("bleu", "bleu2-cxr", "rouge-l", "rouge-score-l", "rouge-score-l-stem", "rouge-score-1",
-                  "rouge-score-2", "cider-d", "meteor", "meteor-native", "bertscore", "chexpert")
-DEFAULT_REPORT_METRICS = ("bleu", "rouge-l", "cider-d", "meteor", "chexpert")
 
 
 def _check_lengths(refs: Sequence, hyps: Sequence) -> None:
@@ -44,107 +44,37 @@ def evaluate_reports(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence
                      bertscore_model: str | None = None, bertscore_layers: int | None = None,
                      bertscore_idf: bool = False, bootstrap: int = 0, seed: int = 0,
                      progress: bool = False) -> dict[str, Any]:
-    from medvl.eval import bootstrap as bs
-    from medvl.eval import nlg
-    from medvl.eval.text import normalise
-
+    """Each metric of ``metrics`` by its registered name (:data:`REPORT_METRICS`); with ``bootstrap``,
+    95 % intervals: a metric's own where its corpus score is not a mean over samples (BLEU,
+    CheXpert), else from resampling its per-sample values."""
     _check_lengths(refs, hyps)
     _refuse_empty_references(refs)
     unknown = [m for m in metrics if m not in REPORT_METRICS]
     if unknown:
         raise MedvlUserError(f"unknown report metric(s) {', '.join(unknown)}; known: {', '.join(REPORT_METRICS)}")
-    R, H = normalise(list(refs), normalisation), normalise(list(hyps), normalisation)
-    tag = f"[{normalisation}]"
+    x = MetricInput(list(refs), list(hyps), normalise(list(refs), normalisation), normalise(list(hyps), normalisation),
+                    f"[{normalisation}]", bootstrap, seed, progress, uncertain, bertscore_model, bertscore_layers,
+                    bertscore_idf)
     scores: dict[str, float] = {}
     per: dict[str, list[float]] = {}
     ci: dict[str, dict] = {}
     extra: dict[str, Any] = {}
-    n = len(refs)
-
-    stats: dict[str, list] = {}
-
-    def add(res: dict, suffix: str = "") -> None:
-        for k, v in res.items():
-            if k == "stats":
-                stats[next(iter(res["per_sample"])) + suffix] = v
-            elif k != "per_sample":
-                scores[k + suffix] = v
-        for k, v in res.get("per_sample", {}).items():
-            per[k + suffix] = v
-
     for m in metrics:
-        if m == "bleu":
-            res = nlg.bleu(R, H)
-            add(res, tag)
-            if bootstrap:  # resample the per-sample n-gram statistics: exact corpus BLEU per draw
-                st = np.asarray(res["stats"], dtype=float)
-                idx = np.random.default_rng(seed).integers(0, n, (bootstrap, n))
-                draws = nlg.bleu_from_stats(st[idx].sum(axis=1))  # [B, 4]
-                for k in range(4):
-                    lo, hi = np.percentile(draws[:, k], [2.5, 97.5])
-                    ci[f"bleu{k + 1}{tag}"] = {"low": float(lo), "high": float(hi), "std": float(draws[:, k].std()),
-                                               "n_boot": bootstrap, "seed": seed, "level": 0.95}
-        elif m == "bleu2-cxr":
-            add(nlg.bleu2_cxr(list(refs), list(hyps)))
-        elif m == "rouge-l":
-            add(nlg.rouge_l(R, H), tag)
-        elif m.startswith("rouge-score"):
-            kind = {"l": "rougeL", "1": "rouge1", "2": "rouge2"}[m.split("-")[2]]
-            add(nlg.rouge_score_f1(list(refs), list(hyps), kind, stem=m.endswith("-stem")))
-        elif m == "cider-d":
-            add(nlg.cider_d(R, H), tag)
-        elif m == "meteor":
-            from medvl.eval.meteor import jar_available, meteor_jar, meteor_native
-            if jar_available():
-                add(meteor_jar(list(refs), list(hyps)))
-            else:
-                extra["meteor_note"] = ("METEOR jar unavailable (needs Java and pycocoevalcap): reported "
-                                        "meteor_native instead, which is not the jar's number")
-                add(meteor_native(list(refs), list(hyps)))
-        elif m == "meteor-native":
-            from medvl.eval.meteor import meteor_native
-            add(meteor_native(list(refs), list(hyps)))
-        elif m == "bertscore":
-            from medvl.eval.bertscore import BERTScorer
-            scorer = BERTScorer(bertscore_model, bertscore_layers, bertscore_idf)
-            res = scorer.score(list(refs), list(hyps), progress=progress)
-            for k in ("precision", "recall", "f1"):
-                scores[f"{scorer.name}_{k}"] = res[k]
-                per[f"{scorer.name}_{k}"] = res["per_sample"][k]
-        elif m == "chexpert":
-            from medvl.eval.chexpert import CheXpertLabeler, clinical_efficacy
-            lab = CheXpertLabeler()
-            rl, hl = lab.label_many(refs), lab.label_many(hyps)
-            ce = clinical_efficacy(rl, hl, uncertain=uncertain)
-            for k, v in ce.items():
-                if k.startswith(("micro_", "macro_")):
-                    scores[f"chexpert_{k}"] = v
-            extra["chexpert"] = {"uncertain_as": uncertain, "per_label": ce["per_label"]}
-            if bootstrap:  # every micro / macro score (14 and 5 classes) from the same resamples
-                names = [k for k in ce if k.startswith(("micro_", "macro_"))]
-
-                def draw(idx):
-                    d = clinical_efficacy([rl[i] for i in idx], [hl[i] for i in idx], uncertain=uncertain)
-                    return {k: d[k] for k in names}
-                ci.update({f"chexpert_{k}": v for k, v in bs.bootstrap_ci_many(draw, n, bootstrap, seed).items()})
-    if bootstrap:
-        # metrics that are a mean over samples: resample the per-sample values
+        got = REPORT_METRICS.get(m).compute(x)
+        scores.update(got.scores)
+        per.update(got.per_sample)
+        ci.update(got.ci)
+        extra.update(got.extra)
+    if bootstrap:  # metrics that are a mean over samples: resample the per-sample values
         for k, v in per.items():
             if k in scores and k not in ci and not k.startswith(("bleu", "meteor")):
-                ci[k] = bs.bootstrap_mean(v, bootstrap, seed)
-        if "meteor_native" in stats:
-            from medvl.eval.meteor import meteor_from_stats
-            st = np.asarray(stats["meteor_native"], dtype=float)
-            ci["meteor_native"] = bs.bootstrap_ci(lambda idx: meteor_from_stats(st[idx].sum(axis=0)), n, bootstrap, seed)
-        if "meteor" in scores:
-            extra["meteor_ci_note"] = "no CI for the jar's corpus METEOR (its statistics are not resampled)"
-    return {"task": "report", "n": n, "normalisation": normalisation, "metrics": scores, "ci": ci,
+                ci[k] = bootstrap_mean(v, bootstrap, seed)
+    return {"task": "report", "n": len(refs), "normalisation": normalisation, "metrics": scores, "ci": ci,
             "per_sample": per, "n_empty_predictions": sum(1 for h in hyps if not str(h).strip()), **extra}
 
 
 def evaluate_vqa(refs: Sequence[str], preds: Sequence[str], answer_types: Sequence[str | None] | None = None,
                  question_types: Sequence[str | None] | None = None, bootstrap: int = 0, seed: int = 0) -> dict:
-    from medvl.eval.bootstrap import bootstrap_mean
     from medvl.eval.vqa import vqa_scores
 
     _check_lengths(refs, preds)
