@@ -148,7 +148,7 @@ def test_report_metrics_are_one_registry():
     if "test-length" not in REPORT_METRICS:  # adding a metric is one register call
         REPORT_METRICS.register("test-length", ReportMetric(
             "test-length", "words per prediction", lambda x: MetricOutput(
-                scores={"length": sum(len(h.split()) for h in x.H) / len(x.H)},
-                per_sample={"length": [float(len(h.split())) for h in x.H]})))
+                scores={"length": sum(len(h.split()) for h in x.hyps) / len(x.hyps)},
+                per_sample={"length": [float(len(h.split())) for h in x.hyps]}), text="raw"))
     got = evaluate_reports(["a b c", "d e"], ["a b", "d e f g"], metrics=["test-length", "rouge-l"], bootstrap=50)
     assert got["metrics"]["length"] == 3.0 and "length" in got["ci"] and "rouge_l[r2gen]" in got["metrics"]
