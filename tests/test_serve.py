@@ -105,6 +105,36 @@ def test_streaming_gives_the_same_text_in_openai_chunks(client, img):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_stream_options_include_usage_ends_with_the_counts(client, img):
+    body = chat_body(img, max_tokens=8, stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["choices"] == [] and last["usage"]["prompt_tokens"] > 0
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    before = json.loads(lines[-3][6:])
+    assert before["choices"][0]["finish_reason"] in ("stop", "length") and "usage" not in before
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]), ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 3),
+    ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5), ("frequency_penalty", 1.0),
+    ("functions", [{"name": "f"}]), ("modalities", ["text", "audio"]), ("n", 2),
+    ("stream_options", {"include_usage": True, "continuous_usage_stats": True})])
+def test_unsupported_openai_fields_are_a_400_naming_the_field(client, img, field, value):
+    r = client.post("/v1/chat/completions", json=chat_body(img, max_tokens=4, **{field: value}))
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_fields_that_ask_for_nothing_pass(client, img):
+    r = client.post("/v1/chat/completions", json=chat_body(img, max_tokens=4, tools=[], logprobs=False,
+                                                           response_format={"type": "text"}, presence_penalty=0,
+                                                           tool_choice="none", user="someone"))
+    assert r.status_code == 200, r.text
+
+
 def test_dicom_upload_preview_and_chat(client):
     from pydicom.data import get_testdata_file
     uri = data_uri(get_testdata_file("CT_small.dcm"), "application/dicom")

@@ -8,6 +8,9 @@ Design choices:
   the official ``openai`` client and the tools built on it work unchanged; errors use its
   ``{"error": {"message", "type", "code"}}`` body. Images travel as ``image_url`` data URIs
   (:mod:`medvl.serve.uploads`); the last user message is the question, its images the input.
+  What is not implemented is refused, not ignored: ``tools`` / ``functions``, a non-text
+  ``response_format``, ``logprobs``, ``logit_bias``, penalties, audio and ``n`` > 1 answer 400
+  naming the field; ``stream_options.include_usage`` is honoured (a last chunk with the counts).
 * **Continuous batching** for chat (:class:`medvl.generate.continuous.ContinuousDecoder`):
   a request joins the running decode at the next step — its prompt packed into the same
   forward as the running rows' next tokens — and leaves when it finishes, each with
@@ -81,6 +84,22 @@ def _models():
         n: int = 1
         seed: int | None = None
         stop: str | list[str] | None = None
+        stream_options: dict | None = None
+        # OpenAI fields this server does not implement: typed here so that a request using them is
+        # refused with a 400 naming the field (Server.refuse_unsupported), never answered as if honoured
+        tools: list | None = None
+        tool_choice: Any = None
+        functions: list | None = None
+        function_call: Any = None
+        response_format: dict | None = None
+        logprobs: bool | None = None
+        top_logprobs: int | None = None
+        logit_bias: dict | None = None
+        presence_penalty: float | None = None
+        frequency_penalty: float | None = None
+        audio: Any = None
+        modalities: list | None = None
+        prediction: Any = None
 
     class ZeroShotRequest(BaseModel):
         model: str | None = None
@@ -220,9 +239,10 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = DEFAULT_CLIP,
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         busy = error(503, "server busy: the request queue is full, retry shortly", "overloaded", {"Retry-After": "1"})
         if req.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
             try:
                 return StreamingResponse(_stream(server, sample, media, settings, cid, created, req.model,
-                                                 cfg.timeout_s), media_type="text/event-stream")
+                                                 cfg.timeout_s, usage), media_type="text/event-stream")
             except QueueFull:
                 return busy
         gen = server.gen_request(sample, media, settings)
@@ -381,8 +401,11 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
-def _stream(server: Server, sample, media, settings, cid: str, created: int, model: str, timeout: float):
+def _stream(server: Server, sample, media, settings, cid: str, created: int, model: str, timeout: float,
+            include_usage: bool = False):
     """Server-sent events in OpenAI's chat.completion.chunk format; the text arrives as deltas.
+    With ``stream_options.include_usage`` a last chunk before ``[DONE]`` carries the token counts
+    and no choices, as OpenAI sends it.
     The request is a row of the running decode; if the client goes away (the generator is
     closed or cancelled), the row is cancelled and leaves the batch at the next step."""
     loop = asyncio.get_running_loop()
@@ -426,6 +449,12 @@ def _stream(server: Server, sample, media, settings, cid: str, created: int, mod
                         + "\n\n"
                 break
             yield chunk({}, "length" if len(gen.tokens) >= gen.max_new_tokens else "stop")
+            if include_usage:
+                n_prompt, n_out = len(gen.ids), len(gen.tokens)
+                yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                             "model": model, "choices": [],
+                                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                                       "total_tokens": n_prompt + n_out}}) + "\n\n"
             yield "data: [DONE]\n\n"
         except asyncio.TimeoutError:
             yield "data: " + json.dumps({"error": {"message": "generation timed out", "type": "timeout"}}) + "\n\n"

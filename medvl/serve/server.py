@@ -131,7 +131,8 @@ class Server:
             raise RequestError(404, f"model {req.model[:80]!r} is not served here; GET /v1/models lists "
                                     f"{self.vlm_name!r}", "model_not_found")
         if req.n != 1:
-            raise RequestError(400, "n must be 1")
+            raise RequestError(400, "n: only 1 completion per request is supported")
+        refuse_unsupported(req)
         self._check_request(req)
         users = [i for i, m in enumerate(req.messages) if m.role == "user"]
         if not users:
@@ -273,3 +274,27 @@ class Server:
                           max_new_tokens=settings["max_new_tokens"], temperature=settings.get("temperature", 0.0),
                           top_p=settings.get("top_p", 1.0), stop=settings["stop"], seed=settings["seed"],
                           on_text=on_text)
+
+
+def refuse_unsupported(req) -> None:
+    """A 400 naming the first OpenAI field the request sets that this server does not implement
+    (function calling, structured output, log-probabilities, biases and penalties, audio): answering
+    without honouring it would look like success. Values that ask for nothing pass (``tools: []``,
+    ``response_format: {"type": "text"}``, ``logprobs: false``, penalties of 0, ``tool_choice: "none"``)."""
+    asks = {
+        "tools": bool(req.tools), "functions": bool(req.functions),
+        "tool_choice": req.tool_choice not in (None, "none"), "function_call": req.function_call not in (None, "none"),
+        "response_format": req.response_format not in (None, {}) and (req.response_format or {}).get("type") != "text",
+        "logprobs": bool(req.logprobs), "top_logprobs": bool(req.top_logprobs), "logit_bias": bool(req.logit_bias),
+        "presence_penalty": bool(req.presence_penalty), "frequency_penalty": bool(req.frequency_penalty),
+        "audio": req.audio is not None, "modalities": req.modalities not in (None, ["text"]),
+        "prediction": req.prediction is not None,
+    }
+    so = req.stream_options
+    if so is not None and (not isinstance(so, dict) or set(so) - {"include_usage"}):
+        raise RequestError(400, "stream_options: only include_usage is supported")
+    for name, asked in asks.items():
+        if asked:
+            raise RequestError(400, f"{name}: not supported by this server (medvl serve answers text chat "
+                                    "completions; leave the field out)")
+
