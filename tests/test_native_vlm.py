@@ -94,6 +94,15 @@ def test_native_lora_trains_adapters_and_exports_merged_and_adapter(tmp_path):
     peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "q")),
                                      str(tmp_path / "out" / "adapter"))
     assert any("lora_A" in k for k in peft.state_dict())
+    # the adapter is the trained model: the connector trained in full travels in modules_to_save
+    assert peft.peft_config["default"].modules_to_save
+    plain_model = peft.merge_and_unload().eval()
+    plain, trained = plain_model.state_dict(), back.model.state_dict()
+    assert set(plain) == set(trained)
+    assert max(float((plain[k].float() - trained[k].float()).abs().max()) for k in plain) < 1e-6
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.allclose(plain_model(input_ids=ids).logits, back.model.eval()(input_ids=ids).logits, atol=1e-5)
     bad = VLMTrainConfig(native=str(tmp_path / "q"), freeze={"llm": "lora"}, lora={"target_modules": r".*\.nope$"},
                          epochs=1, batch_size=4, precision="fp32", output_dir=str(tmp_path / "bad"))
     with pytest.raises(MedvlUserError, match="match no Linear"):

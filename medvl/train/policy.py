@@ -91,11 +91,34 @@ def merge_composed(model, policy: dict[str, str]) -> None:
             setattr(model, name, getattr(model, name).merge_and_unload())
 
 
+def trained_in_full(model, full: set[str]) -> list[str]:
+    """The fewest module names whose parameters are exactly the ``full`` ones (the highest modules
+    all of whose parameters train), for peft's ``modules_to_save``: so the saved adapter carries
+    every module trained in full (a connector, an unfrozen tower) and base + adapter through plain
+    peft *is* the trained model. Parameters directly on the root module cannot be named and are
+    refused."""
+    names: list[str] = []
+    covered: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c in covered):
+            continue
+        params = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if params and all(p in full for p in params):
+            names.append(name)
+            covered.add(name)
+    left = full - {p for c in covered for p in full if p.startswith(c + ".")}
+    if left:
+        raise MedvlUserError(f"parameters trained in full outside any module ({', '.join(sorted(left)[:3])}): peft "
+                             "cannot save them beside the adapter; use lora.export: merged")
+    return names
+
+
 def apply_native(model, policy: dict[str, str], lora: dict | None = None):
     """frozen / full / lora per module of a native HF VLM, by parameter names
     (:func:`medvl.models.native.module_of`). LoRA adapters go on the Linear layers of the ``lora``
     modules whose full name matches ``lora.target_modules`` (a regex, or a list of exact names);
-    one peft wrapper covers every such module, and ``full`` modules stay trainable beside it.
+    one peft wrapper covers every such module, and ``full`` modules stay trainable beside it, named in
+    the adapter's ``modules_to_save`` (:func:`trained_in_full`) so the saved adapter is the trained model.
     Returns (the model — peft-wrapped when LoRA is on —, trainable parameter count per module)."""
     import re
 
@@ -124,9 +147,11 @@ def apply_native(model, policy: dict[str, str], lora: dict | None = None):
         except ImportError:
             raise MedvlUserError("LoRA needs peft: pip install 'medvl[train]'") from None
         full = {n for n, p in model.named_parameters() if p.requires_grad}
+        save = trained_in_full(model, full)
         model = get_peft_model(model, LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
-                                                 lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets))
-        for n, p in model.named_parameters():  # peft froze everything but the adapters: thaw the full modules
+                                                 lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets,
+                                                 modules_to_save=save or None))
+        for n, p in model.named_parameters():  # peft froze everything but the adapters and modules_to_save
             if n.removeprefix("base_model.model.") in full:
                 p.requires_grad = True
     counts = {"vision": 0, "connector": 0, "llm": 0}
