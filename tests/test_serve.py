@@ -80,6 +80,14 @@ def test_health_models_and_openapi(client):
     assert client.get("/static/page.js").status_code == 200
 
 
+def test_docs_page_is_self_contained(client):
+    r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text and "max_tokens" in r.text and "temperature" in r.text
+    assert "<script" not in r.text and "cdn" not in r.text.lower() and "https://" not in r.text  # works offline
+    assert client.get("/redoc").status_code == 404
+
+
 def test_chat_answers_and_matches_the_pipeline(client, img):
     import medvl
     r = client.post("/v1/chat/completions", json=chat_body(img, max_tokens=16))

@@ -139,7 +139,15 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = DEFAULT_CLIP,
         server.close()
 
     app = FastAPI(title="medvl", version=__import__("medvl").__version__, lifespan=lifespan,
-                  description="Medical vision-language models: OpenAI-compatible chat, zero-shot and embeddings.")
+                  description="Medical vision-language models: OpenAI-compatible chat, zero-shot and embeddings.",
+                  docs_url=None, redoc_url=None)  # Swagger UI / ReDoc load from a CDN: /docs is rendered here
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        from fastapi.responses import HTMLResponse
+
+        from medvl.serve.apidocs import render_docs
+        return HTMLResponse(render_docs(app.openapi()))
     app.state.server = server
 
     def error(status: int, message: str, code: str = "invalid_request_error", headers: dict | None = None):
