@@ -8,7 +8,7 @@
    towers forward (a locked text tower still runs), ``ClipLoss``, backward, AdamW — on the
    same model config, batch size and images (the bundled VQA-RAD, captions from organs),
    bf16 autocast for both. Also medvl without the text cache, to show where the gain is.
-2. Zero-shot embedding (images/s): ``medvl.eval.zero_shot.embed_images`` (file -> medical
+2. Zero-shot embedding (images/s): ``medvl.harness.zero_shot.embed_images`` (file -> medical
    I/O -> preprocessing -> encoder) against a plain loop of PIL open + open_clip's
    eval transform + ``encode_image``, same images, batch 64.
 Peak memory: the process's maximum resident set size after each part.
@@ -42,7 +42,7 @@ def main() -> int:
     from PIL import Image
 
     from medvl.data.bundled import load_bundled
-    from medvl.eval.zero_shot import embed_images
+    from medvl.harness.zero_shot import embed_images
     from medvl.losses.contrastive import ClipLoss
     from medvl.models.clip import MedCLIP
     from medvl.data.pairs import Pair, decode_images

@@ -47,7 +47,7 @@ def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, 
     from medvl.errors import MedvlUserError
     from medvl.data.controls import image_control
     from medvl.data.loading import strip_images
-    from medvl.eval.image_controls import SHUFFLE_SEEDS, answers, vqa_gap
+    from medvl.harness.image_controls import SHUFFLE_SEEDS, answers, vqa_gap
     from medvl.eval.suites import evaluate_vqa
     from medvl.train.vlm import VLMTrainConfig, train_vlm
 

@@ -5,7 +5,7 @@
 
 Trains the recipe's image model and its **question-only twin** (the same recipe with
 ``question_only: true``), then scores, with 95 % bootstrap CIs and paired gaps
-(:mod:`medvl.eval.image_controls`):
+(:mod:`medvl.harness.image_controls`):
 
 * the VQA-RAD test split (bundled): real image, another test image (3 seeds), a blank
   image, the twin;
@@ -31,7 +31,7 @@ from pathlib import Path
 from medvl.data.bundled import load_bundled
 from medvl.data.loading import load_training_samples, strip_images
 from medvl.eval.descriptions import description_scores, lookup_answers
-from medvl.eval.image_controls import control_answers, answers, exact_by_category, paired_gap, vqa_gap
+from medvl.harness.image_controls import control_answers, answers, exact_by_category, paired_gap, vqa_gap
 from medvl.eval.suites import evaluate_vqa
 from medvl.train.config import load_recipe
 from medvl.train.vlm import VLMTrainConfig, train_vlm
@@ -135,6 +135,19 @@ def ship(model_dir: Path, dest: Path, dtype: str, out: dict, test, delta_bits: i
                                             "vs_blank": vqa_gap(rad["real"][0], rad["blank"])}
         m = rad["real"][0]["metrics"]
         print(f"shipped bf16 copy, VQA-RAD test: closed {m['closed_accuracy']:.3f} open recall {m['open_recall']:.3f}")
+        if "vqa_med_held_out" in out:  # the held-out VQA-Med images too: the card's table is the shipped copy's
+            cfg = load_recipe(VLMTrainConfig, out["recipe"], out.get("overrides") or [])
+            held = load_training_samples(held_out_section(cfg))[0]
+            described = [s for s in held if s.labels.get("category") == "describe"]
+            held = [s for s in held if s.labels.get("category") != "describe"]
+            med = {k: v for k, v in exact_by_category(held, answers(model, coll, held, progress=True)).items()
+                   if k != "per_item"}
+            out["shipped_bf16_vqa_med_held_out"] = {"real": med}
+            if described:
+                out["shipped_bf16_vqa_med_held_out"]["descriptions"] = description_scores(
+                    described, answers(model, coll, described, max_new_tokens=64))
+            print(f"shipped copy, held-out VQA-Med: {med['accuracy']:.3f} " +
+                  json.dumps({k: round(v["accuracy"], 3) for k, v in med["by_category"].items()}))
     (dest / "results.json").write_text(json.dumps(out, indent=1))
     print(f"shipped to {dest} ({sum(p.stat().st_size for p in dest.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
 

@@ -19,10 +19,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_architecture import _edges, _layer, _modules  # noqa: E402
 
-ROWS = [["errors", "registry"], ["data"], ["models", "losses"], ["eval"], ["generate", "distill"], ["train"],
+ROWS = [["errors", "registry"], ["data"], ["models", "losses"], ["eval"], ["generate", "distill"], ["harness"], ["train"],
         ["serve", "quickstart", "medvl", "cli"]]
 NOTES = {"data": "schema, formats, image I/O,\ntransforms, collate, pairs", "models": "towers, connectors, VLM,\nnative, CLIP, answer logits",
-         "losses": "contrastive, MMKD,\nlogit KD", "eval": "metrics, zero-shot,\nsuites", "generate": "batched decoding,\npipeline, SASG",
+         "losses": "contrastive, MMKD,\nlogit KD", "eval": "metrics, suites,\nreport HTML", "harness": "image controls,\nzero-shot", "generate": "batched decoding,\npipeline, SASG",
          "distill": "teachers, pseudo-labels,\ncorrections", "train": "engine/ + recipes\n(clip, vlm, reflect)",
          "serve": "HTTP API, page", "cli": "one module per\ncommand group", "medvl": "medvl.load", "quickstart": "main job",
          "errors": "", "registry": ""}

@@ -34,7 +34,7 @@ from medvl.data.formats import get_format
 from medvl.data.describe import MODALITY_WORDS
 from medvl.data.splits import in_holdout
 from medvl.eval.classification import classification_scores
-from medvl.eval.zero_shot import DEFAULT_TEMPLATES, class_embeddings, embed_images, linear_probe
+from medvl.harness.zero_shot import DEFAULT_TEMPLATES, class_embeddings, embed_images, linear_probe
 from medvl.models.clip import MedCLIP
 
 TASKS = ("organ", "modality", "plane")

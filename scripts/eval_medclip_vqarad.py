@@ -25,7 +25,7 @@ import torch
 
 from medvl.data.bundled import load_bundled
 from medvl.eval.classification import classification_scores
-from medvl.eval.zero_shot import zero_shot
+from medvl.harness.zero_shot import zero_shot
 from medvl.models.clip import MedCLIP
 
 ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}

@@ -2,7 +2,7 @@
 import``, at module level or inside functions).
 
 Layers, bottom to top: ``errors`` / ``registry`` -> ``data`` -> ``models`` / ``losses`` ->
-``eval`` -> ``generate`` / ``distill`` -> ``train`` -> ``serve`` / ``quickstart`` -> ``cli``.
+``eval`` -> ``generate`` / ``distill`` -> ``harness`` -> ``train`` -> ``serve`` / ``quickstart`` -> ``cli``.
 The ``medvl.cli`` package is the command line, one module per command group; it may import any
 layer and nothing imports it.
 """
@@ -107,6 +107,19 @@ def test_distill_and_generate_never_import_train():
 def test_nothing_imports_the_command_line():
     assert sorted(f"{a} -> {b}" for a, bs in _edges(_modules()).items() for b in bs
                   if _layer(b) == "cli" and _layer(a) != "cli") == []
+
+
+def test_eval_is_metrics_and_runs_no_model():
+    """Metrics only: nothing that decodes or trains; from models only the asset lookup (BERTScore's
+    default encoder) and the warning filter."""
+    assert _violations("eval", {"generate", "distill", "harness", "train", "serve", "cli", "quickstart"}) == []
+    assert sorted(f"{a} -> {b}" for a, bs in _edges(_modules()).items() for b in bs
+                  if _layer(a) == "eval" and _layer(b) == "models"
+                  and b not in ("medvl.models.hub", "medvl.models.quiet")) == []
+
+
+def test_harness_sits_below_train():
+    assert _violations("harness", {"train", "serve", "cli", "quickstart"}) == []
 
 
 def test_data_is_the_ground_floor():

@@ -116,7 +116,7 @@ def test_mmkd_loss_terms_and_options():
 def test_zero_shot_api_and_bad_input(tiny, tmp_path):
     from PIL import Image
 
-    from medvl.eval.zero_shot import linear_probe, zero_shot
+    from medvl.harness.zero_shot import linear_probe, zero_shot
     Image.new("L", (40, 40), 200).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     res = zero_shot(tiny, [tmp_path / "a.png", tmp_path / "bad.png"], ["head", "chest", "abdomen"])
@@ -227,7 +227,7 @@ def test_ddp_two_processes(tmp_path):
 def test_shipped_model_zero_shot_organ():
     """Regression: the shipped CLIP separates head / chest / abdomen on VQA-RAD images it never saw."""
     from medvl.data.bundled import load_bundled
-    from medvl.eval.zero_shot import zero_shot
+    from medvl.harness.zero_shot import zero_shot
     from medvl.models.hub import PRETRAINED_DIR
     if not (PRETRAINED_DIR / "medclip-r10t-minilm" / "model.safetensors").exists():
         pytest.skip("the shipped model is not in this checkout")
@@ -291,7 +291,7 @@ def test_recipe_siglip_loss(tmp_path):
 def test_read_labels_keeps_commas_of_separate_arguments():
     """Several arguments are several labels, whole; only a lone argument is a comma list (with a note)."""
     from medvl.errors import MedvlUserError
-    from medvl.eval.zero_shot import read_labels
+    from medvl.harness.zero_shot import read_labels
     notes = []
     organs = ["face, sinuses, and neck", "skull and contents", "spine and contents"]
     assert read_labels(organs, warn=notes.append) == organs and not notes
@@ -349,7 +349,7 @@ def test_shipped_v2_plain_labels_on_held_out_vqa_med():
     VQA-Med images its recipe held out (by image): the model card says 0.608."""
     from medvl.data.formats import get_format
     from medvl.data.splits import in_holdout
-    from medvl.eval.zero_shot import zero_shot
+    from medvl.harness.zero_shot import zero_shot
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa_med_2019_train"
     if not data.is_dir():
         pytest.skip("../shared/data/vqa_med_2019_train is not here")

@@ -60,7 +60,7 @@ def test_predict_with_controls_writes_scoreable_files(tmp_path, capsys):
 
 def test_paired_gaps_and_exact_match_by_category():
     from medvl.data.schema import Media, Sample, Turn
-    from medvl.eval.image_controls import exact_by_category, paired_gap
+    from medvl.harness.image_controls import exact_by_category, paired_gap
     g = paired_gap([1, 1, 1, 0] * 50, [[0, 1, 0, 0] * 50, [0, 1, 1, 0] * 50])
     assert g["mean"] == pytest.approx(0.375) and g["low"] < 0.375 < g["high"] and g["n"] == 200
     assert paired_gap([1, 0], [[1, 0]])["mean"] == 0.0

@@ -88,7 +88,7 @@ def test_generalist_mix_keeps_held_out_and_vqa_rad_images_out():
 
 def test_description_scores_and_lookup_control():
     from medvl.eval.descriptions import description_scores, lookup_answers
-    from medvl.eval.image_controls import exact_by_category
+    from medvl.harness.image_controls import exact_by_category
     described, _ = description_samples(load_bundled("vqa-rad", "test"))
     perfect = description_scores(described, {s.id: s.conversation[-1].text for s in described})
     assert perfect["rouge_l"] == pytest.approx(1.0) and perfect["region_right"] == 1.0

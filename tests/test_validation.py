@@ -147,7 +147,7 @@ def test_vlm_recipe_validates_held_out_questions_each_epoch(tmp_path, llm_policy
 
 
 def test_the_question_only_twin_validates_without_images(tmp_path, monkeypatch):
-    import medvl.eval.image_controls as ic
+    import medvl.harness.image_controls as ic
     from medvl.data.bundled import load_bundled
     from medvl.train.vlm import VLMTrainConfig, train_vlm
     asked, real = [], ic.answers

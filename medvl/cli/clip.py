@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     import torch
 
-    from medvl.eval.zero_shot import DEFAULT_TEMPLATES, read_labels, zero_shot
+    from medvl.harness.zero_shot import DEFAULT_TEMPLATES, read_labels, zero_shot
     from medvl.models.clip import MedCLIP
 
     labels = read_labels(args.labels, warn=lambda msg: print(f"medvl: note: {msg}", file=sys.stderr))
@@ -179,7 +179,7 @@ def _labelled_images(data: str, fmt: str, label: str | None, image_root: str | N
 
 def cmd_linear_probe(args: argparse.Namespace) -> int:
     from medvl.eval.suites import evaluate_classification
-    from medvl.eval.zero_shot import embed_images, linear_probe
+    from medvl.harness.zero_shot import embed_images, linear_probe
     from medvl.models.clip import MedCLIP
 
     model = MedCLIP.from_pretrained(args.model)
@@ -217,7 +217,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from medvl.eval.suites import evaluate_retrieval
-    from medvl.eval.zero_shot import similarity
+    from medvl.harness.zero_shot import similarity
     from medvl.models.clip import MedCLIP
 
     model = MedCLIP.from_pretrained(args.model)

@@ -308,7 +308,7 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = DEFAULT_CLIP,
 
     @app.post("/v1/zero-shot")
     async def zero_shot_ep(req: ZeroShotRequest):
-        from medvl.eval.zero_shot import check_labels
+        from medvl.harness.zero_shot import check_labels
         need_clip(req.model)
         if len(req.labels) > cfg.max_labels:
             raise RequestError(400, f"at most {cfg.max_labels} labels")

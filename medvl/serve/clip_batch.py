@@ -6,7 +6,7 @@ A batch is a list of items ``{"kind": "zero-shot", "pixels", "labels"}`` or
 :meth:`ClipRunner.pixels` in the request's own worker thread, so an image the CLIP cannot use
 is that request's 400 before it joins a batch, and the batch's thread runs only the towers);
 the result for each is its probabilities / vectors. The class embeddings of a label set (the
-prompt ensemble of :func:`medvl.eval.zero_shot.class_embeddings`, every prompt of every label
+prompt ensemble of :func:`medvl.harness.zero_shot.class_embeddings`, every prompt of every label
 in one text call) are cached by label set, least recently used evicted past ``max_label_sets``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from medvl.eval.zero_shot import DEFAULT_TEMPLATES
+from medvl.harness.zero_shot import DEFAULT_TEMPLATES
 from medvl.serve.uploads import RequestError
 
 

@@ -117,7 +117,7 @@ def _plan(spec: dict, samples: list) -> tuple[list, ValidationPlan]:
 
 def vqa_evaluator(model, collator, plan: ValidationPlan) -> Callable[[], dict[str, float]]:
     """A function that answers the validation questions with ``model`` as it is now and scores them."""
-    from medvl.eval.image_controls import answers
+    from medvl.harness.image_controls import answers
     from medvl.eval.suites import evaluate_vqa
 
     refs = [s.conversation[-1].text for s in plan.samples]
