@@ -1,29 +1,24 @@
 """Readers and writers for the dataset formats medvl users bring, one module each.
 
-``FORMATS`` is an exact-name registry; ``get_format(name)`` returns an instance.
-``medvl data formats`` prints this table.
+``FORMATS`` is an exact-name registry filled by :func:`register_format` on each module's class;
+every module of this package is imported here, so adding a format is adding one module.
+``get_format(name)`` returns an instance; ``medvl data formats`` prints the table.
 """
 
 from __future__ import annotations
 
-from medvl.data.formats.base import Conversion, Format, Skipped
-from medvl.registry import Registry
+import importlib
+import pkgutil
 
-FORMATS: Registry[type[Format]] = Registry("data format")
+from medvl.data.formats.base import Conversion, FORMATS, Format, Skipped, register_format
 
-
-def _register_builtin() -> None:
-    from medvl.data.formats import (canonical, captions, grounding, iu_xray, llava, medmvl,
-                                    mimic_cxr, mmkd, sharegpt, slake, vqa_med, vqa_rad)
-    for mod in (canonical, llava, sharegpt, medmvl, grounding, vqa_rad, slake, vqa_med,
-                mimic_cxr, iu_xray, captions, mmkd):
-        FORMATS.register(mod.FORMAT.name, mod.FORMAT)
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
 
 def get_format(name: str) -> Format:
     return FORMATS.get(name)()
 
 
-_register_builtin()
-
-__all__ = ["FORMATS", "Conversion", "Format", "Skipped", "get_format"]
+__all__ = ["FORMATS", "Conversion", "Format", "Skipped", "get_format", "register_format"]

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from medvl.data.schema import IMAGE_TOKEN, Sample, Turn
 from medvl.data.textfile import atomic_write_text, check_input_file, decode_text, read_text
+from medvl.registry import Registry
 from medvl.errors import MedvlUserError
 
 
@@ -128,6 +129,17 @@ def load_json_list(path: Path, *, list_keys: tuple[str, ...] = ()) -> list:
     return data
 
 
+FORMATS: Registry[type[Format]] = Registry("data format")
+"""every dataset format by its exact name (``medvl data formats`` prints it)"""
+
+
+def register_format(cls: type[Format]) -> type[Format]:
+    """Class decorator: put a :class:`Format` in :data:`FORMATS` under its ``name``. A new format is one
+    module in ``medvl/data/formats/`` with a decorated class; the package imports every module in it."""
+    FORMATS.register(cls.name, cls)
+    return cls
+
+
 def dump_json(obj: Any, path: Path, *, lines: bool = False) -> None:
     """JSON (or JSON Lines) written atomically: never a half-written file under ``path``."""
     if lines:
@@ -169,6 +181,40 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str], *, del
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
+
+
+class CannotWrite(Exception):
+    """Raised by a writer's ``to_row`` for a sample its format cannot hold; the message says why."""
+
+
+def collect_rows(samples: list[Sample], to_row, cannot: str = "") -> tuple[list, Conversion]:
+    """The per-record loop every writer shares: ``to_row(sample)`` returns the record to write (a dict,
+    a line), or ``None`` / raises :class:`CannotWrite` for a sample the format cannot hold — skipped,
+    counted and reported (``cannot``, or the exception's reason), never silently dropped. Returns
+    (records, the Conversion with ``written`` set)."""
+    out = Conversion()
+    rows = []
+    for i, s in enumerate(samples):
+        try:
+            row = to_row(s)
+        except CannotWrite as e:
+            out.skip(i, s.id, str(e) or cannot)
+            continue
+        if row is None:
+            out.skip(i, s.id, cannot)
+            continue
+        rows.append(row)
+    out.written = len(rows)
+    return rows, out
+
+
+def one_image_qa(sample: Sample, what: str) -> tuple[str, str]:
+    """(question, answer) of a sample with exactly one image and one exchange; else :class:`CannotWrite`
+    saying that ``what`` (e.g. "VQA-RAD") holds one image and one question-answer pair per record."""
+    qa = single_qa(sample)
+    if qa is None or len(sample.images) != 1:
+        raise CannotWrite(f"{what} holds one image and one question-answer pair per record")
+    return qa
 
 
 def single_qa(sample: Sample) -> tuple[str, str] | None:

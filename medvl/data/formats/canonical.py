@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import Conversion, Format
+from medvl.data.formats.base import Conversion, Format, register_format
 from medvl.data.schema import Sample, load_jsonl_report, write_jsonl
 
 
+@register_format
 class CanonicalFormat(Format):
     name = "medvl"
     description = "medvl canonical JSONL: one sample per line (id, images, conversation, boxes, labels, ...)"
@@ -23,6 +24,3 @@ class CanonicalFormat(Format):
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
         return Conversion(written=write_jsonl(samples, path))
-
-
-FORMAT = CanonicalFormat

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import (Conversion, Format, as_text, dump_json, load_json_list,
-                                     read_csv, require_exists, write_csv)
+from medvl.data.formats.base import (Conversion, Format, as_text, dump_json, load_json_list, read_csv,
+                                     register_format, require_exists, write_csv)
 from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
 
@@ -38,6 +38,7 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
                          f"name it with --opt {what}_col=NAME", path=path)
 
 
+@register_format
 class CaptionsFormat(Format):
     name = "captions"
     description = "image-caption pairs: CSV/TSV (ROCO, open_clip) or JSONL (PMC-OA)"
@@ -116,6 +117,3 @@ class CaptionsFormat(Format):
             dump_json(rows, path, lines=path.suffix.lower() != ".json")
         out.written = len(rows)
         return out
-
-
-FORMAT = CaptionsFormat

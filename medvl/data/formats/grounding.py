@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medvl.data.boxes import STYLES, BoxSyntaxError, parse_boxes
-from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list
+from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list, register_format
 from medvl.data.formats.llava import (RecordError, as_path_list, insert_missing_placeholders,
                                       parse_from_value, render_from_value, writable_turns)
 from medvl.data.formats.sharegpt import _parse_messages
@@ -25,6 +25,7 @@ QWEN_SPEAKERS = {"user": "user", "assistant": "assistant", "system": "system"}  
 _INLINE_IMG = re.compile(r"(?:Picture \d+:\s*)?<img>(.*?)</img>\n?", re.S)
 
 
+@register_format
 class GroundingFormat(Format):
     name = "grounding"
     description = ("Med-GRIT / BiRD / ClinKD grounding conversations: boxes as "
@@ -119,6 +120,3 @@ def _push_inline_images(turns: list[Turn], paths: list[str]) -> list[Turn]:
                       lambda _m: "Picture {0}: <img>{1}</img>\n".format(*next(it)), t.text)
         out.append(Turn(t.role, text))
     return out
-
-
-FORMAT = GroundingFormat

@@ -18,7 +18,7 @@ import collections
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import Conversion, Format, read_csv, require_exists, write_csv
+from medvl.data.formats.base import Conversion, Format, read_csv, register_format, require_exists, write_csv
 from medvl.data.reports import clean, target_text
 from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
@@ -32,6 +32,7 @@ def _split_list(v: str | None) -> list[str]:
     return [p.strip() for p in (v or "").split(";") if p.strip()]
 
 
+@register_format
 class IUXrayFormat(Format):
     name = "iu-xray"
     description = "IU X-ray / Open-i: indiana_reports.csv (findings, impression, MeSH, Problems) + indiana_projections.csv"
@@ -122,6 +123,3 @@ class IUXrayFormat(Format):
         write_csv(list(reports.values()), root / "indiana_reports.csv", REPORT_COLUMNS)
         write_csv(projections, root / "indiana_projections.csv", PROJ_COLUMNS)
         return out
-
-
-FORMAT = IUXrayFormat

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medvl.data.boxes import STYLES, render_boxes
-from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list
+from medvl.data.formats.base import Conversion, Format, collect_rows, dump_json, load_json_list, register_format
 from medvl.data.schema import IMAGE_TOKEN, Media, Sample, Turn
 
 FROM_TO_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -99,6 +99,7 @@ def writable_turns(s: Sample, box_style: str | None, default_style: str = "qwen2
     return turns
 
 
+@register_format
 class LlavaFormat(Format):
     name = "llava"
     description = "LLaVA / LLaVA-Med JSON: list of {id, image, conversations[{from, value}]}"
@@ -135,12 +136,9 @@ class LlavaFormat(Format):
         return out
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
-        out = Conversion()
-        rows = []
-        for i, s in enumerate(samples):
+        def row(s: Sample) -> dict | None:
             if any(m.kind == "volume" for m in s.images):
-                out.skip(i, s.id, "has a 3D volume (LLaVA JSON holds 2D images; use medm-vl)")
-                continue
+                return None
             turns = writable_turns(s, options.get("box_style"))
             row: dict[str, Any] = {"id": s.id}
             paths = [m.path for m in s.images]
@@ -150,14 +148,11 @@ class LlavaFormat(Format):
                 row["image"] = paths
             row["conversations"] = render_from_value(turns)
             row.update(s.meta.get("extra", {}))
-            rows.append(row)
+            return row
+        rows, out = collect_rows(samples, row, "has a 3D volume (LLaVA JSON holds 2D images; use medm-vl)")
         dump_json(rows, path)
-        out.written = len(rows)
         return out
 
 
 def _join(root: str | None, p: str) -> str:
     return p if not root or Path(p).is_absolute() else str(Path(root) / p)
-
-
-FORMAT = LlavaFormat

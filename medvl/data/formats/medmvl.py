@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list
+from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list, register_format
 from medvl.data.formats.llava import (RecordError, as_path_list, parse_from_value,
                                       render_from_value, writable_turns)
 from medvl.data.schema import IMAGE_TOKEN, Media, Sample, Turn
@@ -26,6 +26,7 @@ IMAGE3D_TOKEN = "<image3d>"
 _TOKENS = re.compile(r"<image3d>|<image>")
 
 
+@register_format
 class MedMVLFormat(Format):
     name = "medm-vl"
     description = "MedM-VL JSON: LLaVA-style with 'image' and 'image3d' lists, <image3d> placeholders"
@@ -109,6 +110,3 @@ def _interleave(turns: list[Turn], im2d: list[str], im3d: list[str]) -> tuple[li
         raise RecordError(f"{len(im2d)} image(s) and {len(im3d)} volume(s) but {i2} <image> and "
                           f"{i3} <image3d> placeholder(s)")
     return media, new_turns
-
-
-FORMAT = MedMVLFormat

@@ -25,7 +25,7 @@ import collections
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import Conversion, Format, read_csv, require_exists, write_csv
+from medvl.data.formats.base import Conversion, Format, read_csv, register_format, require_exists, write_csv
 from medvl.data.reports import build_report, split_sections, target_text
 from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
@@ -45,6 +45,7 @@ def study_dir(subject_id: str, study_id: str) -> str:
     return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}"
 
 
+@register_format
 class MimicCXRFormat(Format):
     name = "mimic-cxr"
     description = "MIMIC-CXR(-JPG): metadata CSV + free-text reports; findings/impression extracted"
@@ -185,6 +186,3 @@ class _ReportSource:
             if p.exists():
                 return p.read_text(encoding="utf-8", errors="replace")
         return None
-
-
-FORMAT = MimicCXRFormat

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from medvl.data.formats.base import Conversion, Format, dump_json, load_json_list
+from medvl.data.formats.base import Conversion, Format, collect_rows, dump_json, load_json_list, register_format
 from medvl.data.schema import Media, Sample, Turn
 from medvl.errors import MedvlUserError
 
@@ -74,6 +74,7 @@ def load_teacher_feature(ref: str, root: Path | None = None) -> np.ndarray:
         raise MedvlUserError(f"cannot read teacher features ({e})", path=p) from None
 
 
+@register_format
 class MMKDFormat(Format):
     name = "mmkd-clip"
     description = "MMKD-CLIP meta.jsonl: imgpath, txt, available_clips + per-sample <Teacher>_img/_txt feature files"
@@ -146,13 +147,10 @@ class MMKDFormat(Format):
         return str(f) if given else f.relative_to(base).as_posix()
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
-        out = Conversion()
-        rows = []
-        for i, s in enumerate(samples):
+        def row(s: Sample) -> dict | None:
             answers = s.turns("assistant")
             if len(s.images) != 1 or not answers:
-                out.skip(i, s.id, "an MMKD-CLIP row needs exactly one image and a text")
-                continue
+                return None
             clips = s.meta.get("available_clips") or sorted(
                 {k.rsplit("_", 1)[0] for k in s.teacher_features})
             row: dict[str, Any] = {"imgpath": s.images[0].path, "txt": answers[-1].text,
@@ -161,10 +159,7 @@ class MMKDFormat(Format):
             if len(files) == 1:
                 row[s.meta.get("feature_key", "featpath")] = files.pop()
             row.update(s.meta.get("extra", {}))
-            rows.append(row)
+            return row
+        rows, out = collect_rows(samples, row, "an MMKD-CLIP row needs exactly one image and a text")
         dump_json(rows, path, lines=True)
-        out.written = len(rows)
         return out
-
-
-FORMAT = MMKDFormat

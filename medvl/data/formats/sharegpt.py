@@ -25,7 +25,7 @@ from typing import Any
 
 from medvl.data.boxes import BoxSyntaxError, parse_boxes
 from medvl.data.boxes import BoxSyntaxError, parse_boxes
-from medvl.data.formats.base import Conversion, Format, dump_json, load_json, load_json_list
+from medvl.data.formats.base import Conversion, Format, dump_json, load_json, load_json_list, register_format
 from medvl.data.formats.llava import (FROM_TO_ROLE, RecordError, as_path_list,
                                       insert_missing_placeholders, parse_from_value,
                                       writable_turns)
@@ -78,6 +78,7 @@ def dataset_info_entry(path: Path, name: str | None) -> tuple[Path, dict, dict]:
     return path.parent / entry["file_name"], entry.get("columns") or {}, entry.get("tags") or {}
 
 
+@register_format
 class ShareGPTFormat(Format):
     name = "sharegpt"
     description = "ShareGPT for LLaMA-Factory: {messages[{role, content}], images}; writes dataset_info.json"
@@ -176,6 +177,3 @@ def _write_dataset_info(path: Path, name: str, *, has_images: bool, has_system: 
                  "assistant_tag": "assistant", "system_tag": "system"},
     }
     dump_json(info, info_path)
-
-
-FORMAT = ShareGPTFormat

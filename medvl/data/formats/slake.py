@@ -18,14 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import (Conversion, Format, as_text, dump_json, load_json_list,
-                                     qa_conversation, single_qa)
+from medvl.data.formats.base import (Conversion, Format, as_text, collect_rows, dump_json, load_json_list,
+                                     one_image_qa, qa_conversation, register_format)
 from medvl.data.schema import Media, Sample
 
 _CORE = ("qid", "img_name", "question", "answer", "q_lang", "modality", "answer_type",
          "content_type", "location")
 
 
+@register_format
 class SlakeFormat(Format):
     name = "slake"
     description = "SLAKE JSON: img_name, question, answer, answer_type, q_lang, content_type, location, modality, base_type"
@@ -67,24 +68,12 @@ class SlakeFormat(Format):
         return out
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
-        out = Conversion()
-        rows = []
-        for i, s in enumerate(samples):
-            qa = single_qa(s)
-            if qa is None or len(s.images) != 1:
-                out.skip(i, s.id, "SLAKE holds one image and one question-answer pair per record")
-                continue
-            q, a = qa
-            row = {"qid": s.meta.get("qid", s.id), "img_name": s.images[0].path, "question": q,
-                   "answer": a, "q_lang": s.meta.get("lang", "en"),
-                   "location": s.labels.get("location") or s.labels.get("organ"),
-                   "modality": s.images[0].modality, "answer_type": s.labels.get("answer_type"),
-                   "content_type": s.labels.get("content_type")}
-            row.update(s.meta.get("extra", {}))
-            rows.append(row)
+        def row(s: Sample) -> dict:
+            q, a = one_image_qa(s, "SLAKE")
+            return {"qid": s.meta.get("qid", s.id), "img_name": s.images[0].path, "question": q, "answer": a,
+                    "q_lang": s.meta.get("lang", "en"), "location": s.labels.get("location") or s.labels.get("organ"),
+                    "modality": s.images[0].modality, "answer_type": s.labels.get("answer_type"),
+                    "content_type": s.labels.get("content_type"), **s.meta.get("extra", {})}
+        rows, out = collect_rows(samples, row)
         dump_json(rows, path)
-        out.written = len(rows)
         return out
-
-
-FORMAT = SlakeFormat

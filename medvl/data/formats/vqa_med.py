@@ -21,14 +21,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import (Conversion, Format, qa_conversation, require_exists,
-                                     single_qa)
+from medvl.data.formats.base import (Conversion, Format, collect_rows, one_image_qa, qa_conversation,
+                                     register_format, require_exists)
+from medvl.data.textfile import atomic_write_text
 from medvl.data.schema import Media, Sample
 
 _CAT_FILE = re.compile(r"C\d_([A-Za-z]+)_", re.I)
 CATEGORIES = ("modality", "plane", "organ", "abnormality")
 
 
+@register_format
 class VQAMed2019Format(Format):
     name = "vqa-med-2019"
     description = "ImageCLEF VQA-Med 2019: image_id|question|answer lines (category from file name or 4th field)"
@@ -84,22 +86,12 @@ class VQAMed2019Format(Format):
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
         with_cat = str(options.get("with_category", "false")).lower() in ("1", "true", "yes")
-        out = Conversion()
-        lines = []
-        for i, s in enumerate(samples):
-            qa = single_qa(s)
-            if qa is None or len(s.images) != 1:
-                out.skip(i, s.id, "VQA-Med holds one image and one question-answer pair per line")
-                continue
-            q, a = (x.replace("|", "/").replace("\n", " ") for x in qa)
+        def line(s: Sample) -> str:
+            q, a = (x.replace("|", "/").replace("\n", " ") for x in one_image_qa(s, "VQA-Med"))
             image_id = s.meta.get("image_id") or Path(s.images[0].path or s.id).stem
-            if with_cat:
-                lines.append(f"{image_id}|{s.labels.get('category', '')}|{q}|{a}")
-            else:
-                lines.append(f"{image_id}|{q}|{a}")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-        out.written = len(lines)
+            return f"{image_id}|{s.labels.get('category', '')}|{q}|{a}" if with_cat else f"{image_id}|{q}|{a}"
+        lines, out = collect_rows(samples, line)
+        atomic_write_text(Path(path), "\n".join(lines) + ("\n" if lines else ""))
         return out
 
 
@@ -110,6 +102,3 @@ def _dedupe_ids(samples: list[Sample]) -> None:
         seen[s.id] += 1
         if seen[s.id] > 1:
             s.id = f"{s.id}/{seen[s.id]}"
-
-
-FORMAT = VQAMed2019Format

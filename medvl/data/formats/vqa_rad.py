@@ -26,8 +26,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from medvl.data.formats.base import (Conversion, Format, as_text, dump_json, load_json_list,
-                                     single_qa, qa_conversation)
+from medvl.data.formats.base import (Conversion, Format, as_text, collect_rows, dump_json, load_json_list,
+                                     one_image_qa, qa_conversation, register_format)
 from medvl.data.schema import Media, Sample
 
 QUESTION_TYPE_FIXES = {"ATRIB": "ATTRIB", "PRSE": "PRES"}
@@ -41,6 +41,7 @@ def normalise_question_type(qt: str) -> str:
     return ", ".join(QUESTION_TYPE_FIXES.get(p, p) for p in parts)
 
 
+@register_format
 class VQARADFormat(Format):
     name = "vqa-rad"
     description = "VQA-RAD JSON: qid, image_name, image_organ, answer, answer_type, question_type, question, phrase_type"
@@ -99,27 +100,17 @@ class VQARADFormat(Format):
 
     def write(self, samples: list[Sample], path: Path, **options: Any) -> Conversion:
         restore = str(options.get("original", "false")).lower() in ("1", "true", "yes")
-        out = Conversion()
-        rows = []
-        for i, s in enumerate(samples):
-            qa = single_qa(s)
-            if qa is None or len(s.images) != 1:
-                out.skip(i, s.id, "VQA-RAD holds one image and one question-answer pair per record")
-                continue
-            q, a = qa
-            qid = s.meta.get("qid", s.id)
-            row = {"qid": qid, "image_name": Path(s.images[0].path or "").name,
-                   "image_organ": s.labels.get("organ"), "answer": a,
-                   "answer_type": s.labels.get("answer_type"),
-                   "question_type": s.labels.get("question_type"), "question": q,
-                   "phrase_type": s.meta.get("phrase_type")}
+
+        def row(s: Sample) -> dict:
+            q, a = one_image_qa(s, "VQA-RAD")
+            r = {"qid": s.meta.get("qid", s.id), "image_name": Path(s.images[0].path or "").name,
+                 "image_organ": s.labels.get("organ"), "answer": a, "answer_type": s.labels.get("answer_type"),
+                 "question_type": s.labels.get("question_type"), "question": q,
+                 "phrase_type": s.meta.get("phrase_type")}
             if restore:
-                row.update(s.meta.get("original", {}))
-            row.update(s.meta.get("extra", {}))
-            rows.append(row)
+                r.update(s.meta.get("original", {}))
+            r.update(s.meta.get("extra", {}))
+            return r
+        rows, out = collect_rows(samples, row)
         dump_json(rows, path)
-        out.written = len(rows)
         return out
-
-
-FORMAT = VQARADFormat
