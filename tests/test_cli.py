@@ -118,3 +118,23 @@ def test_tour(capsys, tmp_path):
     code, out, _ = run(capsys, "data", "tour", "--out", str(tmp_path))
     assert code == 0 and "MISMATCH" not in out
     assert (tmp_path / "contact_sheet.png").exists()
+
+
+def test_train_keys_prints_every_recipe_key_with_its_doc(capsys):
+    import dataclasses as dc
+
+    from medvl.data.pairs import DataConfig
+    from medvl.train.clip import ClipTrainConfig
+    from medvl.train.keys import field_docs
+    from medvl.train.vlm_config import DATA_KEYS, VLMTrainConfig
+    for cls in (VLMTrainConfig, ClipTrainConfig, DataConfig):  # a new key without a doc fails here
+        docs = field_docs(cls)
+        assert [f.name for f in dc.fields(cls) if not docs.get(f.name)] == [], cls.__name__
+    assert main(["train", "--keys", "vlm"]) == 0
+    out = capsys.readouterr().out
+    for f in dc.fields(VLMTrainConfig):
+        assert f"  {f.name}: " in out
+    assert all(f"  {k}: " in out for k in DATA_KEYS) and "describe" in out
+    assert main(["train", "--keys", "clip"]) == 0 and "text_mode" in capsys.readouterr().out
+    assert main(["train", "--keys", "gan"]) == 2 and "vlm, clip" in capsys.readouterr().err
+    assert main(["train"]) == 2 and "--keys" in capsys.readouterr().err

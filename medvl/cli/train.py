@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from medvl.errors import MedvlUserError
 
 RECIPES = ("clip", "vlm", "vlm-distill")
@@ -13,12 +12,20 @@ RECIPES = ("clip", "vlm", "vlm-distill")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run a training recipe (YAML) with key=value overrides")
-    p.add_argument("recipe", help="recipes/<name>.yaml")
+    p.add_argument("recipe", nargs="?", help="recipes/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 data.path=...")
+    p.add_argument("--keys", metavar="KIND", help="print every key a recipe of this kind (vlm, clip) takes, with "
+                   "its type, default and what it does, and exit")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.keys:
+        from medvl.train.keys import recipe_keys
+        print(recipe_keys(args.keys))
+        return 0
+    if not args.recipe:
+        raise MedvlUserError("give a recipe (recipes/<name>.yaml), or --keys vlm|clip for the keys recipes take")
     from medvl.data.textfile import check_output_path
     from medvl.train.config import read_recipe
     path = Path(args.recipe)

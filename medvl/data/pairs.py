@@ -29,6 +29,7 @@ class DataConfig:
     format: str = "medvl"
     """input format (any name of ``medvl data formats``)"""
     path: str = ""
+    """the dataset file or folder"""
     options: dict = field(default_factory=dict)
     """reader options"""
     image_root: str = ""
@@ -42,6 +43,7 @@ class DataConfig:
     holdout: float = 0.0
     """fraction of images held out by image (medvl.data.splits); 0 = none"""
     holdout_seed: int = 0
+    """seed of the held-out split"""
     part: str = "train"
     """which images to use when holdout > 0: train (the rest), holdout, or all"""
 

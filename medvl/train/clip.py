@@ -54,15 +54,20 @@ class ClipTrainConfig(TrainerConfig):
     model: str = "medclip-r10t-minilm"
     """a CLIP config name (medvl/models/clip_configs) or a checkpoint folder to start from"""
     data: DataConfig = field(default_factory=DataConfig)
+    """image-text pairs (keys below)"""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """batched image augmentation: crop_scale, rotate_degrees, hflip, ..."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """MMKD-CLIP feature distillation from teacher CLIPs (teacher features cached per sample)"""
     loss: str = "clip"
+    """clip (InfoNCE, shared positives for identical texts) or siglip (pairwise sigmoid)"""
     epochs: int = 20
     batch_size: int = 64
     weight_decay: float = 0.1
     output_dir: str = "runs/clip"
     log_every: int = 10
     export_dtype: str = "float32"
+    """weights of the exported model: float32 or bfloat16"""
 
 
 class _ClipStep(nn.Module):

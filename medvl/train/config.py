@@ -222,13 +222,17 @@ class TrainerConfig:
     it, so these keys mean the same in every recipe YAML."""
 
     epochs: int = 10
+    """passes over the training data"""
     batch_size: int = 32
     """samples per micro-batch on each process (global batch = batch_size x grad_accum x processes)"""
     grad_accum: int = 1
     """micro-batches whose gradients are summed before one optimizer step"""
     lr: float = 1e-3
+    """peak learning rate of AdamW (> 0)"""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay"""
     warmup_steps: int = 50
+    """optimizer steps of linear warm-up before the schedule"""
     lr_schedule: str = "cosine"
     """cosine | ramped_cosine | constant (medvl.train.engine.schedule)"""
     max_steps: int = 0
@@ -242,8 +246,11 @@ class TrainerConfig:
     training step ran ~100x slower than fp32 (measured: the quickstart, 40 s/step). Resolved when the run
     starts; the resolved recipe records which"""
     seed: int = 0
+    """seeds data order, initialisation, dropout and sampling (runs with one seed repeat exactly)"""
     output_dir: str = "runs/train"
+    """where the run writes model/, checkpoints/, metrics.jsonl, the loss curve; a rerun resumes"""
     log_every: int = 20
+    """optimizer steps between logged loss lines"""
     save_every_epochs: int = 1
     """write the resumable checkpoint every N epochs (and always at the end)"""
     save_every_steps: int = 0
@@ -258,6 +265,7 @@ class TrainerConfig:
     sharded; fsdp_sharding full = ZeRO-3, grad_op = ZeRO-2; the recipe's layers are the shard units) or
     deepspeed (DeepSpeed ZeRO, stage from the deepspeed section, 2 by default; also in one process)"""
     fsdp_sharding: str = "full"
+    """with distributed: fsdp — full (ZeRO-3) or grad_op (ZeRO-2)"""
     deepspeed: dict = dataclasses.field(default_factory=dict)
     """with distributed: deepspeed — {config: ds.json} or DeepSpeed keys inline, e.g. {zero_optimization:
     {stage: 3}}; batch, accumulation, clipping and precision come from the recipe (contradictions refused)"""

@@ -16,13 +16,16 @@ class VLMTrainConfig(TrainerConfig):
     """The vlm recipe: the engine's keys (TrainerConfig) plus what to build and how to train it."""
 
     stage: str = "sft"
+    """align (connector only), sft (connector + LM) or vision-tune (tower + connector, LM frozen: medcap); freeze overrides per module"""
     native: str = ""
     """a native Hugging Face VLM (folder or hub id: LLaVA, Qwen2-VL ...) to train instead of composing one"""
     data: dict = field(default_factory=lambda: {"path": "vqa-rad/train", "format": "medvl", "options": {},
                                                 "image_root": ""})
     """training data: a bundled name (vqa-rad/train) or a file in any format of `medvl data formats`"""
     vision: dict = field(default_factory=lambda: {"name": "medclip", "source": "medclip-r10t-minilm"})
+    """the vision tower (keys below: name hf / medclip / vit3d / slice2d, source, image_size, window ...)"""
     connector: dict = field(default_factory=lambda: {"name": "mlp2x_gelu"})
+    """the projector from tower to LM: {name: mlp2x_gelu | linear | ...} (medvl.models.connectors)"""
     llm: dict = field(default_factory=lambda: {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704,
                                                "num_hidden_layers": 4, "num_attention_heads": 4,
                                                "num_key_value_heads": 2, "tie_word_embeddings": True,
@@ -40,6 +43,7 @@ class VLMTrainConfig(TrainerConfig):
     question_only: bool = False
     """drop the images (and their placeholders): the language-prior baseline"""
     max_length: int = 128
+    """tokens per sample, image tokens included; longer samples are cut (answers counted when cut)"""
     output_dir: str = "runs/vlm"
     lr_schedule: str = "ramped_cosine"
     clip_grad: float = 1.0
@@ -47,6 +51,7 @@ class VLMTrainConfig(TrainerConfig):
     """pack samples into rows of pack_length tokens with per-sample position ids, no attention across
     samples (transformers builds block-causal masks from restarting position ids); no padding at all"""
     pack_length: int = 1024
+    """tokens per packed row (with packing: true)"""
     group_by_length: bool = True
     """batch samples of similar length (little padding, no cross-sample attention as packing would need)"""
     distill: dict = field(default_factory=dict)
@@ -98,9 +103,24 @@ class VLMTrainConfig(TrainerConfig):
     "Med-CLIP guided RoPE"; medvl.models.position_ids); saved in the model config, used in generation"""
 
 
-DATA_KEYS = ("path", "format", "options", "image_root", "holdout", "holdout_seed", "part", "sources", "weight",
-             "question_only", "describe", "exclude_images_of")
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "export")
+DATA_KEYS = {
+    "path": "a bundled name (vqa-rad/train), a dataset file or folder, or a dataset_info.json (ShareGPT)",
+    "format": "its format (any name of `medvl data formats`; default medvl)",
+    "options": "reader options, as for `medvl data convert --opt`",
+    "image_root": "folder relative image paths resolve against (default: the data file's)",
+    "holdout": "fraction of images held out by image (medvl.data.splits); 0 = none",
+    "holdout_seed": "seed of that split (default 0)",
+    "part": "train (default), holdout or all: which side of the split to use",
+    "sources": "a list of data sections mixed into one training set (each with the keys here)",
+    "weight": "a source's share: 3 = three copies, 0.5 = a seeded half, 0 = none (its held-out images still apply)",
+    "question_only": "a source's samples without their images (modality dropout in the data)",
+    "describe": "true: add one 'Describe this image.' sample per image written from its answers; only: just those",
+    "exclude_images_of": "bundled:vqa-rad drops images that also occur in the bundled VQA-RAD (counted)",
+}
+LORA_KEYS = {"r": "rank (default 8)", "alpha": "scale numerator (default 16)", "dropout": "(default 0.05)",
+             "target_modules": "a regex over full module names, or a list of names",
+             "export": "merged (default: adapters merged into the weights) or adapter (native models: also the peft "
+                       "adapter, with every module trained in full in modules_to_save)"}
 
 
 def _check_keys(section: dict, known, where: str) -> None:
