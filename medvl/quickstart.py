@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from medvl.data.bundled import load_bundled
+from medvl.errors import MedvlUserError
 
 #: what each ``--lm`` trains (VLMTrainConfig keys); ``epochs`` is each preset's default
 PRESETS: dict[str, dict] = {
@@ -44,7 +45,6 @@ def run_quickstart(out: Path, epochs: int | None = None, progress: bool = True, 
     """Train, score, print the table. ``lm`` names a :data:`PRESETS` entry; ``overrides`` (VLMTrainConfig
     keys), ``max_train`` and ``max_test`` (the first N training / test questions) are for tests and
     experiments."""
-    from medvl.errors import MedvlUserError
     from medvl.data.controls import image_control
     from medvl.data.loading import strip_images
     from medvl.harness.image_controls import SHUFFLE_SEEDS, answers, vqa_gap

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from medvl.data.imageio import MedicalImage, load_medical
 from medvl.data.schema import BOX_TOKEN, Box, Turn
 
 STYLES: dict[str, tuple[str, str, str, str]] = {
@@ -115,7 +116,6 @@ MODEL_BOX_STYLE = {"medvl_vlm": "qwenvl", "llava": "qwenvl", "qwen2_vl": "qwen2v
 
 def _image_size(sample, index: int) -> tuple[int, int]:
     """(width, height) of the sample's image ``index`` (for pixel-space boxes)."""
-    from medvl.data.imageio import MedicalImage, load_medical
     m = sample.images[index]
     img = m.array if isinstance(m.array, MedicalImage) else load_medical(m.path)
     a = img.array  # [H, W], [H, W, 3] or [D, H, W]

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medvl.data.imageio import MedicalImage
 from medvl.data.schema import Media, Sample
 from medvl.errors import MedvlUserError
 
@@ -61,7 +62,6 @@ def shuffled_images(samples: Sequence[Sample], seed: int = 0) -> list[Sample]:
 
 def blank_images(samples: Sequence[Sample]) -> list[Sample]:
     """Each image replaced by zeros of its kind, in memory (nothing written)."""
-    from medvl.data.imageio import MedicalImage
     blank = {"image": np.zeros((256, 256), np.float32), "volume": np.zeros((32, 128, 128), np.float32)}
     return [replace(s, images=[Media(None, kind=m.kind, modality=m.modality,
                                      array=MedicalImage(blank.get(m.kind, blank["image"]), m.kind, modality=m.modality))

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medvl.data.bundled import BUNDLED, bundled_image_stems, load_bundled
+from medvl.data.describe import description_samples
+from medvl.data.formats import get_format
+from medvl.data.schema import Sample, Turn, resolve_path
 from medvl.data.splits import check_split, in_holdout, keep_image
 from medvl.errors import MedvlUserError
 
 
 def strip_images(samples):
     """Copies of the samples without images or placeholders."""
-    from medvl.data.schema import Sample, Turn
     out = []
     for s in samples:
         conv = [Turn(t.role, t.text.replace("<image>\n", "").replace("<image>", "")) for t in s.conversation]
@@ -96,7 +99,6 @@ def _excluded(samples: list, data: dict, skipped: dict) -> list:
         return samples
     if what != "bundled:vqa-rad":
         raise MedvlUserError(f"data.exclude_images_of: unknown value {what!r} (bundled:vqa-rad)")
-    from medvl.data.bundled import bundled_image_stems
     stems = bundled_image_stems("vqa-rad")
     kept = [s for s in samples if not any(Path(m.path or "").stem in stems for m in s.images)]
     if len(kept) < len(samples):
@@ -105,7 +107,6 @@ def _excluded(samples: list, data: dict, skipped: dict) -> list:
 
 
 def _with_descriptions(samples: list, mode, skipped: dict) -> list:
-    from medvl.data.describe import description_samples
     if mode not in (True, "only"):
         raise MedvlUserError(f"data.describe must be true or only, got {mode!r}")
     described, missed = description_samples(samples)
@@ -145,9 +146,6 @@ def _weighted(samples: list, sec: dict, index: int) -> list:
 
 
 def _load_one(data: dict):
-    from medvl.data.bundled import BUNDLED, load_bundled
-    from medvl.data.formats import get_format
-    from medvl.data.schema import resolve_path
 
     path = str(data.get("path", ""))
     name, _, split = path.partition("/")

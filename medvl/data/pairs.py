@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from medvl.data.describe import REGION, YES_NO, modality_phrase
+from medvl.data.formats import get_format
+from medvl.data.formats.mmkd import load_teacher_feature, resolve_ref
+from medvl.data.imageio import load_medical
+from medvl.data.schema import resolve_path
 from medvl.data.splits import check_split, keep_image
+from medvl.data.transforms import preprocess_2d
 from medvl.errors import MedvlUserError
 
 
@@ -97,9 +102,6 @@ class Pair:
 
 def build_pairs(cfg: DataConfig) -> tuple[list[Pair], dict[str, int]]:
     """Image-text pairs from a dataset, with counts of what was left out and why."""
-    from medvl.data.formats import get_format
-    from medvl.data.formats.mmkd import resolve_ref
-    from medvl.data.schema import resolve_path
 
     if not cfg.path:
         raise MedvlUserError("data.path is not set")
@@ -157,8 +159,6 @@ def decode_images(pairs: list[Pair], size: int, progress: bool = True) -> tuple[
     counted and their pairs dropped (returned: tensor [N, 3, S, S], kept pair indices)."""
     from tqdm.auto import tqdm
 
-    from medvl.data.imageio import load_medical
-    from medvl.data.transforms import preprocess_2d
 
     out, keep, skipped = [], [], defaultdict(int)
     cache: dict[str, np.ndarray | None] = {}
@@ -184,7 +184,6 @@ def check_teacher_features(pairs: list[Pair]) -> tuple[list[Pair], dict[str, int
     counted. Returns the kept pairs, the widths and the skip counts."""
     from collections import Counter
 
-    from medvl.data.formats.mmkd import load_teacher_feature
 
     widths: dict[str, Counter] = defaultdict(Counter)
     seen: dict[tuple[int, str], int] = {}
@@ -220,7 +219,6 @@ def check_teacher_features(pairs: list[Pair]) -> tuple[list[Pair], dict[str, int
 
 def teacher_batch(distiller, batch: list[Pair]):
     """The batch's teacher features per teacher ([B, width] each, zeros where absent) and which are available ([B, T])."""
-    from medvl.data.formats.mmkd import load_teacher_feature
 
     T = distiller.teachers
     t_img = {t: torch.zeros(len(batch), distiller.proj[t].out_features) for t in T}

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from medvl.data.schema import Sample, Turn
+from medvl.eval.vqa import normalise_answer
+from medvl.generate.pipeline import NativePipeline, VLMPipeline, load
 
 
 def pseudo_label(teacher, samples: Sequence[Sample], *, min_confidence: float = 0.0, agreement: int = 0,
@@ -24,8 +26,6 @@ def pseudo_label(teacher, samples: Sequence[Sample], *, min_confidence: float = 
                  progress: bool = True) -> tuple[list[Sample], dict]:
     import torch
 
-    from medvl.eval.vqa import normalise_answer
-    from medvl.generate.pipeline import NativePipeline, VLMPipeline, load
 
     # a composed or a native teacher (a folder, a shipped name, or an already loaded pipeline)
     pipe = teacher if isinstance(teacher, (VLMPipeline, NativePipeline)) else load(teacher)

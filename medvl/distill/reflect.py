@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from medvl.data.schema import Sample, Turn
+from medvl.eval.vqa import _closed_correct, normalise_answer, token_prf
 
 REFLECT_PROMPT = "Look at the image again and check the answer above. If it is wrong, give the correct answer."
 
 
 def is_mistake(pred: str, ref: str, answer_type: str | None = None, task: str = "vqa", f1_threshold: float = 0.5,
                ref_box=None) -> bool:
-    from medvl.eval.vqa import _closed_correct, normalise_answer, token_prf
     if task == "grounding":
         from medvl.eval.classification import iou, parse_boxes_from_text
         boxes = parse_boxes_from_text(pred)

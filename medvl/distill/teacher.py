@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
+from medvl.data.schema import Media
 from medvl.errors import MedvlUserError
-from medvl.losses.logit_kd import TopK, topk_missing_mass, topk_of
+from medvl.losses.logit_kd import LogitKDLoss, TopK, topk_missing_mass, topk_of
+from medvl.models.answer import answer_logits
+from medvl.models.hub import load_model_tokenizer, resolve_model_path
 from medvl.models.precision import resolve_precision
 
 
@@ -35,7 +38,6 @@ class LiveTeacher:
     def __init__(self, path: str | Path, tokenizer, max_length: int, device: str = "cpu", topk: int = 0,
                  precision: str = "auto"):
         from medvl.data.collate import VLMCollator
-        from medvl.models.hub import resolve_model_path
         from medvl.models.vlm import load_vlm
 
         self.model = load_vlm(resolve_model_path(path)).to(device).eval()
@@ -53,7 +55,6 @@ class LiveTeacher:
     def prepare(self, samples: Sequence) -> set[str]:
         """Encode the samples with the teacher's image-token count and cache its vision tokens;
         returns the ids the teacher could not encode (too long for it)."""
-        from medvl.data.schema import Media
         from medvl.models.vlm import image_loader_for
         load = image_loader_for(self.model)
         lost = set()
@@ -75,7 +76,6 @@ class LiveTeacher:
     @torch.no_grad()
     def rows(self, ids: Sequence[str]) -> torch.Tensor | TopK:
         """Teacher logits at the answer positions of these samples, in order: [N, V] (or TopK)."""
-        from medvl.models.answer import answer_logits
         m = self.model
         batch = [self.encoded[i] for i in ids]
         enc = {k: v.to(self.device) for k, v in self.collator(batch).items()}
@@ -150,7 +150,6 @@ def is_native_folder(path: str | Path) -> bool:
 
 def live_teacher(path: str | Path, max_length: int, device: str = "cpu", topk: int = 0, precision: str = "auto"):
     """The live teacher for a composed VLM folder or shipped name, or a native folder or hub id."""
-    from medvl.models.hub import load_model_tokenizer, resolve_model_path
     try:
         folder = resolve_model_path(path)
     except MedvlUserError:
@@ -172,7 +171,6 @@ class CachedTeacher:
         self.values, self.indices, offsets = t["values"], t["indices"], t["offsets"].tolist()
         self.index = json.loads((folder / "index.json").read_text())
         self.span = {sid: (offsets[k], offsets[k + 1]) for k, sid in enumerate(self.index["ids"])}
-        from medvl.models.hub import load_model_tokenizer
         self.tokenizer = load_model_tokenizer(folder)
 
     def prepare(self, samples: Sequence) -> set[str]:
@@ -222,7 +220,6 @@ DISTILL_KEYS = {"teacher", "teacher_cache", "alpha", "kind", "temperature", "t2_
 
 def make_teacher(distill: dict, max_length: int, precision: str = "auto"):
     """The live or cached teacher and the KD loss a recipe's ``distill`` section asks for."""
-    from medvl.losses.logit_kd import LogitKDLoss
 
     d = dict(distill)
     unknown = sorted(set(d) - DISTILL_KEYS)

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Sequence
 
 from medvl.errors import MedvlUserError
+from medvl.models.hub import minilm_path
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
 def default_model_path() -> str:
-    from medvl.models.hub import minilm_path
     return minilm_path()
 
 

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from typing import Sequence
 
 from medvl.data.schema import Sample
+from medvl.eval import nlg
 from medvl.eval.vqa import normalise_answer
 
 _MODALITY_IN_TEXT = {"CT": r"\bct\b|computed tomography", "MRI": r"\bmri?\b|magnetic resonance",
@@ -45,7 +46,6 @@ def _region_word(reference: str) -> str | None:
 def description_scores(samples: Sequence[Sample], preds: dict[str, str]) -> dict:
     """BLEU-4 / ROUGE-L / CIDEr-D and modality / region fact rates of ``preds`` (by sample id)
     against each sample's reference description (its last assistant turn)."""
-    from medvl.eval import nlg
     refs = [s.conversation[-1].text for s in samples]
     hyps = [preds.get(s.id, "") for s in samples]
     low = lambda xs: [" ".join(re.findall(r"[a-z0-9]+", x.lower())) for x in xs]  # noqa: E731

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medvl.data.textfile import atomic_write_text
 from medvl.errors import MedvlUserError
 
 
@@ -108,6 +109,5 @@ pre{{background:#f6f6f6;padding:8px}}</style></head><body>
 </body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from medvl.data.textfile import atomic_write_text
     atomic_write_text(path, doc)
     return path

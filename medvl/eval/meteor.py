@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from medvl.errors import MedvlUserError
+from medvl.eval.nlg import as_ref_lists
+from medvl.eval.porter import stem
 
 # ---- the jar ------------------------------------------------------------------------------
 
@@ -106,7 +108,6 @@ class MeteorJar:
 
 
 def meteor_jar(refs: Sequence[str | Sequence[str]], hyps: Sequence[str]) -> dict:
-    from medvl.eval.nlg import as_ref_lists
     corpus, per = MeteorJar.shared().score(as_ref_lists(refs), list(hyps))
     return {"meteor": corpus, "per_sample": {"meteor": per}}
 
@@ -218,8 +219,6 @@ def meteor_from_stats(summed: Sequence[float]) -> float:
 def meteor_native(refs: Sequence[str | Sequence[str]], hyps: Sequence[str]) -> dict:
     """Approximate METEOR 1.5 (exact + stem modules); corpus score from summed statistics,
     best reference per segment by score."""
-    from medvl.eval.nlg import as_ref_lists
-    from medvl.eval.porter import stem
     per, total, stats = [], [0.0] * 10, []
     for rs, hyp in zip(as_ref_lists(refs), hyps):
         h = _tokens(hyp)

@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from medvl.eval import bootstrap as bs, nlg
+from medvl.eval.bertscore import BERTScorer
+from medvl.eval.chexpert import CheXpertLabeler, clinical_efficacy
+from medvl.eval.meteor import jar_available, meteor_jar, meteor_native
 from medvl.registry import Registry
 
 
@@ -85,7 +89,6 @@ def _metric(name: str, about: str, text: str = "normalised"):
 
 @_metric("bleu", "BLEU-1..4 (pycocoevalcap); bootstrap resamples the per-sample n-gram statistics")
 def _bleu(x: MetricInput) -> MetricOutput:
-    from medvl.eval import nlg
     res = nlg.bleu(x.R, x.H)
     out = MetricOutput().add(res, x.tag)
     if x.bootstrap:  # exact corpus BLEU per draw
@@ -102,19 +105,16 @@ def _bleu(x: MetricInput) -> MetricOutput:
 
 @_metric("bleu2-cxr", "CXR-Report-Metric's sentence BLEU-2 (its own tokenisation)", text="raw")
 def _bleu2_cxr(x: MetricInput) -> MetricOutput:
-    from medvl.eval import nlg
     return MetricOutput().add(nlg.bleu2_cxr(x.refs, x.hyps))
 
 
 @_metric("rouge-l", "ROUGE-L F (pycocoevalcap, beta 1.2)")
 def _rouge_l(x: MetricInput) -> MetricOutput:
-    from medvl.eval import nlg
     return MetricOutput().add(nlg.rouge_l(x.R, x.H), x.tag)
 
 
 def _rouge_score(kind: str, stem: bool = False):
     def compute(x: MetricInput) -> MetricOutput:
-        from medvl.eval import nlg
         return MetricOutput().add(nlg.rouge_score_f1(x.refs, x.hyps, kind, stem=stem))
     return compute
 
@@ -127,14 +127,12 @@ for _name, _kind, _stem in (("rouge-score-l", "rougeL", False), ("rouge-score-l-
 
 @_metric("cider-d", "CIDEr-D (pycocoevalcap: document frequencies from the references, sigma 6, x10)")
 def _cider_d(x: MetricInput) -> MetricOutput:
-    from medvl.eval import nlg
     return MetricOutput().add(nlg.cider_d(x.R, x.H), x.tag)
 
 
 @_metric("meteor", "METEOR 1.5: the jar when Java and pycocoevalcap are installed, else meteor_native (the key "
          "says which)", text="raw")
 def _meteor(x: MetricInput) -> MetricOutput:
-    from medvl.eval.meteor import jar_available, meteor_jar, meteor_native
     if jar_available():
         return MetricOutput(extra={"meteor_ci_note": "no CI for the jar's corpus METEOR (its statistics are not "
                                                      "resampled)"} if x.bootstrap else {}).add(meteor_jar(x.refs, x.hyps))
@@ -145,7 +143,6 @@ def _meteor(x: MetricInput) -> MetricOutput:
 
 @_metric("meteor-native", "an approximation of METEOR (exact + Porter-stem matches, greedy alignment)", text="raw")
 def _meteor_native(x: MetricInput) -> MetricOutput:
-    from medvl.eval.meteor import meteor_native
     return _with_meteor_native_ci(MetricOutput().add(meteor_native(x.refs, x.hyps)), x)
 
 
@@ -161,7 +158,6 @@ def _with_meteor_native_ci(out: MetricOutput, x: MetricInput) -> MetricOutput:
 
 @_metric("bertscore", "BERTScore P / R / F1 (default encoder all-MiniLM-L6-v2; the key names the encoder)", text="raw")
 def _bertscore(x: MetricInput) -> MetricOutput:
-    from medvl.eval.bertscore import BERTScorer
     scorer = BERTScorer(x.bertscore_model, x.bertscore_layers, x.bertscore_idf)
     res = scorer.score(x.refs, x.hyps, progress=x.progress)
     out = MetricOutput()
@@ -174,8 +170,6 @@ def _bertscore(x: MetricInput) -> MetricOutput:
 @_metric("chexpert", "CheXpert clinical efficacy: micro / macro P, R, F1 over 14 and 5 observations (medvl's rule "
          "labeler); bootstrap resamples reports", text="raw")
 def _chexpert(x: MetricInput) -> MetricOutput:
-    from medvl.eval import bootstrap as bs
-    from medvl.eval.chexpert import CheXpertLabeler, clinical_efficacy
     lab = CheXpertLabeler()
     rl, hl = lab.label_many(x.refs), lab.label_many(x.hyps)
     ce = clinical_efficacy(rl, hl, uncertain=x.uncertain)

@@ -17,9 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from medvl.errors import MedvlUserError
-from medvl.eval.bootstrap import bootstrap_mean
+from medvl.eval.bootstrap import bootstrap_ci, bootstrap_mean
+from medvl.eval.classification import (classification_scores, grounding_scores, parse_boxes_from_text,
+                                       retrieval_scores)
 from medvl.eval.report_metrics import DEFAULT_REPORT_METRICS, REPORT_METRICS, MetricInput
 from medvl.eval.text import normalise
+from medvl.eval.vqa import vqa_scores
 
 
 
@@ -75,7 +78,6 @@ def evaluate_reports(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence
 
 def evaluate_vqa(refs: Sequence[str], preds: Sequence[str], answer_types: Sequence[str | None] | None = None,
                  question_types: Sequence[str | None] | None = None, bootstrap: int = 0, seed: int = 0) -> dict:
-    from medvl.eval.vqa import vqa_scores
 
     _check_lengths(refs, preds)
     _refuse_empty_references(refs)
@@ -97,8 +99,6 @@ def evaluate_vqa(refs: Sequence[str], preds: Sequence[str], answer_types: Sequen
 
 def evaluate_classification(y_true: Sequence, y_pred: Sequence | None = None, scores: np.ndarray | None = None,
                             classes: Sequence | None = None, bootstrap: int = 0, seed: int = 0) -> dict:
-    from medvl.eval.bootstrap import bootstrap_ci
-    from medvl.eval.classification import classification_scores
 
     res = classification_scores(y_true, y_pred, scores, classes)
     out = {"task": "classification", "n": res["n"],
@@ -118,7 +118,6 @@ def evaluate_classification(y_true: Sequence, y_pred: Sequence | None = None, sc
 
 def evaluate_retrieval(sim: np.ndarray, text_to_image: Sequence[int] | None = None,
                        ks: Sequence[int] = (1, 5, 10)) -> dict:
-    from medvl.eval.classification import retrieval_scores
     sim = np.asarray(sim, dtype=float)
     if sim.ndim != 2:
         raise MedvlUserError(f"the similarity matrix must be 2-D [images, texts], got shape {sim.shape}")
@@ -129,7 +128,6 @@ def evaluate_retrieval(sim: np.ndarray, text_to_image: Sequence[int] | None = No
 
 
 def evaluate_grounding(ref_boxes, pred_texts_or_boxes, modalities=None, threshold: float = 0.5) -> dict:
-    from medvl.eval.classification import grounding_scores, parse_boxes_from_text
     preds = []
     for p in pred_texts_or_boxes:
         if isinstance(p, str):

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from medvl.errors import MedvlUserError
+from medvl.models.precision import as_pixels
 from medvl.registry import Registry
 
 
@@ -55,7 +56,6 @@ class ComposedDecoding:
         self.device = model.device
 
     def encode(self, items: list) -> list[torch.Tensor]:
-        from medvl.models.precision import as_pixels
         m = self.model
         px = as_pixels(torch.stack([self.image_fn(x) for x in items]), m)  # [n, C, H, W]
         with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=self.tower_precision == "bf16"):

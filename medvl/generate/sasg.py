@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from medvl.models.hub import minilm_path
+from medvl.models.quiet import expected_unused
 
 
 class SentenceEncoder:
@@ -23,10 +25,8 @@ class SentenceEncoder:
     def __init__(self, path: str | None = None, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
-        from medvl.models.hub import minilm_path
         path = path or minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path)
-        from medvl.models.quiet import expected_unused
         with expected_unused():
             self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.device = device

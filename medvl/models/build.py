@@ -1,6 +1,8 @@
 """Building a composed VLM (vision tower -> connector -> LM) and its tokenizer from recipe sections."""
 
 from __future__ import annotations
+from medvl.errors import MedvlUserError
+from medvl.models.tokenizers import build_bpe_tokenizer
 
 
 def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *, vocab_size: int = 1024,
@@ -13,7 +15,6 @@ def build_composed(vision: dict, connector: dict, llm: dict, texts: list[str], *
     with ``num_hidden_layers: k`` only its first k blocks are kept, :func:`_keep_layers`). A
     ``system_prompt`` is written into the tokenizer's chat template (:func:`with_system_prompt`), so
     training, ``predict``, ``chat`` and ``serve`` all render the same turns from the saved folder."""
-    from medvl.models.tokenizers import build_bpe_tokenizer
     from medvl.models.vlm import MedVLM, MedVLMConfig
 
     if "source" in llm:
@@ -79,7 +80,6 @@ def _keep_layers(lm, k):
     records the new depth, so the folder reloads like any other."""
     if not k:
         return lm
-    from medvl.errors import MedvlUserError
     layers = lm.model.layers
     if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= len(layers):
         raise MedvlUserError(f"llm.num_hidden_layers with a pretrained source keeps its first k blocks: "
@@ -98,7 +98,6 @@ def load_connector(model, path) -> None:
 
     from safetensors.torch import load_file
 
-    from medvl.errors import MedvlUserError
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise MedvlUserError("init_connector: no model.safetensors here", path=path)

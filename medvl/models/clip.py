@@ -31,8 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from medvl.data.imageio import load_medical
+from medvl.data.transforms import preprocess_2d
 from medvl.errors import MedvlUserError
 from medvl.models.hub import PRETRAINED_DIR, minilm_path, shipped_models
+from medvl.models.precision import as_pixels
 from medvl.registry import Registry
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
@@ -290,7 +293,6 @@ class MedCLIP(nn.Module):
         return self.tokenizer(list(texts)).to(self.device)  # [B, L]
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        from medvl.models.precision import as_pixels
         return self.model.encode_image(as_pixels(pixels, self.model), normalize=normalize)  # [B, D]
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -316,8 +318,6 @@ class MedCLIP(nn.Module):
 
     def preprocess(self, image, window=None) -> torch.Tensor:
         """A path, MedicalImage, array or PIL image -> [3, S, S] float tensor."""
-        from medvl.data.imageio import load_medical
-        from medvl.data.transforms import preprocess_2d
         if isinstance(image, (str, Path)):
             image = load_medical(image)
         x = preprocess_2d(image, self.config.image_size, mode="pad", window=window,

@@ -21,8 +21,10 @@ from typing import Any, Sequence
 import torch
 
 from medvl.data.boxes import MODEL_BOX_STYLE, model_turns
+from medvl.data.imageio import MedicalImage, load_medical, to_pil
 from medvl.data.schema import IMAGE_TOKEN, Sample, count_placeholders
 from medvl.errors import MedvlUserError
+from medvl.models.position_ids import enable_qwen2vl_gap
 from medvl.models.utf8 import Utf8Guard, finish_text
 
 IGNORE = -100
@@ -46,7 +48,6 @@ class NativeVLM:
     def set_position_gap(self, gap: int) -> None:
         """Modality-gap 3D positions for Qwen2-VL-family models (medvl.models.position_ids); kept in
         the saved config as ``medvl_position_gap`` so a reload uses the same positions."""
-        from medvl.models.position_ids import enable_qwen2vl_gap
         try:
             enable_qwen2vl_gap(self.model, gap)
         except TypeError:
@@ -110,7 +111,6 @@ class NativeVLM:
         return spans
 
     def _images(self, sample: Sample) -> list:
-        from medvl.data.imageio import MedicalImage, load_medical, to_pil
         return [to_pil(m.array if isinstance(m.array, MedicalImage) else load_medical(m.path)) for m in sample.images]
 
     def encode(self, sample: Sample) -> dict[str, torch.Tensor] | None:

@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 from medvl.errors import MedvlUserError
+from medvl.models.delta_codec import BITS
+from medvl.models.lm_sources import resolve_lm_source
+from medvl.models.quiet import expected_unused
 
 SUFFIX = ".beyond_source"  # state key of the rows past the source's vocabulary
 
@@ -46,7 +49,6 @@ def source_tensors(source: str, want) -> dict[str, torch.Tensor]:
     for which ``want(key)`` holds, in float32 (a named source is fetched / converted once): read
     from a local safetensors folder (a fraction of a second), else through ``from_pretrained``
     (a hub id)."""
-    from medvl.models.lm_sources import resolve_lm_source
     path = Path(resolve_lm_source(source))
     out: dict[str, torch.Tensor] = {}
     if path.is_dir() and any(path.glob("*.safetensors")):
@@ -57,7 +59,6 @@ def source_tensors(source: str, want) -> dict[str, torch.Tensor]:
         return out
     from transformers import AutoModelForCausalLM
 
-    from medvl.models.quiet import expected_unused
     with expected_unused(()):
         lm = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else source, dtype=torch.float32)
     return {k: v.detach() for k, v in lm.state_dict().items() if want(k)}
@@ -97,7 +98,6 @@ def _fingerprint_all(tensors: dict[str, torch.Tensor]) -> str:
 def delta_spec(model, bits: int = 4, group: int = 64) -> dict:
     """What ``save_vlm(delta_bits=...)`` records: every 2-D matrix of the LM's decoder blocks that the
     source holds with the same shape (``llm.`` + the source's key), coded as a delta."""
-    from medvl.models.delta_codec import BITS
     source = model.config.llm_source
     if not source or Path(source).exists():
         raise MedvlUserError("only a VLM built on a named LM source or hub id can store its blocks as deltas "

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from medvl.data.bundled import load_bundled
 from medvl.errors import MedvlUserError
+from medvl.models.tokenizers import build_bpe_tokenizer
 
 KINDS = ("qwen2-vl", "qwen2.5-vl", "llava")
 _QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -28,8 +30,6 @@ _BOX_TOKENS = ("<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object
 
 
 def _tokenizer(vocab_size: int = 400, split: str = "test"):
-    from medvl.data.bundled import load_bundled
-    from medvl.models.tokenizers import build_bpe_tokenizer
     texts = [t.text for s in load_bundled("vqa-rad", split) for t in s.conversation]
     return build_bpe_tokenizer(texts, vocab_size=vocab_size)
 

@@ -34,6 +34,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from medvl.errors import MedvlUserError
 from medvl.models.connectors import ConnectorConfig, build_connector
+from medvl.models.position_ids import gap_position_ids
+from medvl.models.source_weights import delta_spec, split_state
 from medvl.models.vision_towers import VisionConfig, build_tower
 
 
@@ -90,7 +92,6 @@ class MedVLM(PreTrainedModel):
         """[B, T] modality-gap positions when ``config.position_gap`` > 0, else None (the LM's default)."""
         if not getattr(self.config, "position_gap", 0):
             return None
-        from medvl.models.position_ids import gap_position_ids
         return gap_position_ids(input_ids, self.config.image_token_id, self.tokens_per_image,
                                 self.config.position_gap, attention_mask)
 
@@ -166,7 +167,6 @@ class MedVLM(PreTrainedModel):
         (lossy: :mod:`medvl.models.source_weights`)."""
         from safetensors.torch import save_file
 
-        from medvl.models.source_weights import delta_spec, split_state
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from medvl.errors import MedvlUserError
 from medvl.models.hub import DEFAULT_CLIP, DEFAULT_VLM
+from medvl.serve.apidocs import render_docs
 from medvl.serve.batcher import QueueFull
 from medvl.serve.server import ServeConfig, Server
 from medvl.serve.uploads import RequestError
@@ -146,7 +147,6 @@ def create_app(vlm: str | None = DEFAULT_VLM, clip: str | None = DEFAULT_CLIP,
     async def docs():
         from fastapi.responses import HTMLResponse
 
-        from medvl.serve.apidocs import render_docs
         return HTMLResponse(render_docs(app.openapi()))
     app.state.server = server
 

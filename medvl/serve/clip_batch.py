@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medvl.errors import MedvlUserError
 from medvl.harness.zero_shot import DEFAULT_TEMPLATES
 from medvl.serve.uploads import RequestError
 
@@ -46,7 +47,6 @@ class ClipRunner:
         """Decoded images -> the tower's input ``[n, 3, S, S]``; raises RequestError (400) for an
         image it cannot use. Called in the request's worker thread, before batching: resizing and
         normalising run beside the tower instead of inside its batch."""
-        from medvl.errors import MedvlUserError
         S = self.clip.config.image_size
         try:
             px = [self.clip.preprocess(img, window=window) for img in images]

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from medvl.data.schema import Media, Sample, Turn
+from medvl.generate.continuous import GenRequest, content_key
 from medvl.serve.batcher import Batcher
 from medvl.serve.uploads import RequestError, UploadStore
 
@@ -124,7 +126,6 @@ class Server:
         raises RequestError. Uploads whose vision tokens are not cached are not decoded here:
         ``settings["uploads"]`` lists them (index into media, data URI) for :meth:`decode_uploads`,
         which the endpoint runs in a worker thread."""
-        from medvl.data.schema import Sample, Turn
         if self.pipe is None:
             raise RequestError(404, "this server has no chat model (start it with --model)", "model_not_found")
         if req.model != self.vlm_name:
@@ -165,8 +166,6 @@ class Server:
         if len(stop) > self.cfg.max_stop or any(not x or len(x) > 64 for x in stop):
             raise RequestError(400, f"stop: at most {self.cfg.max_stop} non-empty strings of up to 64 characters")
         settings.update(stop=stop, seed=req.seed)
-        from medvl.data.schema import Media
-        from medvl.generate.continuous import content_key
         settings["image_keys"] = keys = [content_key(p.image_url.url.encode()) for p in images]
         # last: every other check passed. An image whose vision tokens are cached (the same bytes were
         # accepted and encoded before) is not decoded again: the request carries the tokens
@@ -235,7 +234,6 @@ class Server:
         """A chat's prompt ids and what the decoder needs per image: the decoded pixels' Media for a
         composed model (its image function runs on a cache miss), the processor's pixels (Qwen2-VL:
         patches and grid) for a native one."""
-        from medvl.data.schema import Media
         if self.native is None:
             return (self.pipe.collator.prompt_ids(sample),
                     [Media(None, modality=m.modality, array=m.array) for m in sample.images])
@@ -258,7 +256,6 @@ class Server:
         """The tokens every default chat prompt starts with (the template's system turn and the
         user turn's opening): the longest common prefix of two prompts that differ only in their
         question, cut before the first image token. The decoder caches their KV."""
-        from medvl.data.schema import Sample, Turn
         a, b = (self._text_ids(Sample(q, [], [Turn("user", "<image>\n" + q)])) for q in ("Is it", "What"))
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         img = (self.native.model if self.native else self.pipe.model).config.image_token_id
@@ -267,7 +264,6 @@ class Server:
     def gen_request(self, sample, media, settings, on_text=None):
         """The decoder's request for a parsed chat: prompt ids, the images (the decoded pixels stay
         referenced by the request, so the upload can be released at once) and the settings."""
-        from medvl.generate.continuous import GenRequest
         ids, items = settings.get("prompt") or self.prompt(sample)
         return GenRequest(ids, items, settings["image_keys"],
                           vision=settings.get("vision", []),

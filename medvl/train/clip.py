@@ -25,9 +25,13 @@ import torch
 from torch import nn
 
 from medvl.data.pairs import DataConfig, Pair, build_pairs, check_teacher_features, decode_images, teacher_batch
+from medvl.data.transforms import augment_batch
 from medvl.errors import MedvlUserError
-from medvl.train.config import TrainerConfig
+from medvl.losses.contrastive import LOSSES
+from medvl.models.clip import MedCLIP
+from medvl.train.config import TrainerConfig, save_resolved
 from medvl.train.engine import Engine, StepResult
+from medvl.train.engine.dist import unwrap
 
 __all__ = ["AugmentConfig", "ClipTrainConfig", "DataConfig", "DistillConfig", "Pair", "train_clip"]
 
@@ -104,7 +108,6 @@ class _ClipStep(nn.Module):
 def _param_groups(cfg: ClipTrainConfig):
     """Weight decay on the CLIP's matrices only; biases, norms, the scale, SigLIP's bias and
     MMKD's projections without (open_clip's grouping)."""
-    from medvl.train.engine.dist import unwrap
 
     def groups(module: nn.Module) -> list:
         named = [(n, p) for n, p in unwrap(module).named_parameters() if p.requires_grad]
@@ -118,10 +121,6 @@ def train_clip(cfg: ClipTrainConfig, *, progress: bool = True) -> dict[str, Any]
     """Run (or resume) a CLIP recipe; returns a summary (final loss, pairs/s, paths)."""
     from tqdm.auto import tqdm
 
-    from medvl.data.transforms import augment_batch
-    from medvl.losses.contrastive import LOSSES
-    from medvl.models.clip import MedCLIP
-    from medvl.train.config import save_resolved
 
     if cfg.loss not in LOSSES:
         raise MedvlUserError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")

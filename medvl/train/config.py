@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from medvl.data.textfile import read_text
 from medvl.errors import MedvlUserError
 
 T = TypeVar("T")
@@ -196,7 +197,6 @@ def load_recipe(cls: type[T], path: str | Path, overrides: list[str] = ()) -> T:
 
 def read_recipe(path: str | Path) -> dict:
     """A recipe file's mapping: a regular UTF-8 file under 1 MB, safe YAML, a mapping at the top."""
-    from medvl.data.textfile import read_text
     path = Path(path)
     if not path.exists():
         raise MedvlUserError("recipe not found", path=path)

@@ -9,6 +9,7 @@ import ast
 import dataclasses as dc
 import inspect
 import textwrap
+from medvl.errors import MedvlUserError
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -69,7 +70,6 @@ def _section(title: str, keys: dict[str, str] | tuple) -> list[str]:
 
 def recipe_keys(kind: str) -> str:
     """The reference of one recipe kind (``vlm`` or ``clip``) as text."""
-    from medvl.errors import MedvlUserError
     if kind in ("vlm", "vlm-distill"):
         from medvl.models.vision_towers import VisionConfig
         from medvl.train.validation import KEYS as EVAL_KEYS

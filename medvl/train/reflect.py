@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from medvl.data.schema import Sample
+from medvl.distill.reflect import correction_samples
 
 
 def run_reflective(cfg, train: Sequence[Sample], progress: bool = True) -> dict:
@@ -19,7 +20,6 @@ def run_reflective(cfg, train: Sequence[Sample], progress: bool = True) -> dict:
     training set, builds corrections, and continues training on original + corrections."""
     from medvl.generate.batched import generate_answers
     from medvl.data.loading import strip_images
-    from medvl.distill.reflect import correction_samples
     from medvl.models.vlm import image_loader_for
     from medvl.train.vlm import train_vlm
 

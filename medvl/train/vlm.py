@@ -20,15 +20,24 @@ from typing import Any
 
 import torch
 
+from medvl.data.collate import VLMCollator, pack, packed_batch
+from medvl.data.loading import strip_images
+from medvl.data.schema import Media
+from medvl.distill.teacher import make_teacher
 from medvl.errors import MedvlUserError
+from medvl.models.hub import load_model_tokenizer, resolve_model_path
+from medvl.train.attention import for_training, set_attention
+from medvl.train.config import save_resolved
 from medvl.train.engine import Engine, StepResult
+from medvl.train.engine.memory import transformer_activations
+from medvl.train.policy import apply_composed, check_frozen_random, merge_composed, resolve_policy
+from medvl.train.validation import fit_arguments, plan_validation
 from medvl.train.vlm_config import VLMTrainConfig  # noqa: F401 - the recipe's config, imported from here too
 from medvl.train.vlm_step import VLMStep
 
 
 def load_init(cfg: VLMTrainConfig):
     """Weights, tokenizer and model config from a previous VLM folder (strict load)."""
-    from medvl.models.hub import load_model_tokenizer, resolve_model_path
     from medvl.models.vlm import load_vlm
     path = resolve_model_path(cfg.init_from)
     model = load_vlm(path).train()
@@ -40,11 +49,7 @@ def load_init(cfg: VLMTrainConfig):
 def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from medvl.data.collate import VLMCollator, pack, packed_batch
-    from medvl.data.schema import Media
-    from medvl.distill.teacher import make_teacher
     from medvl.models.vlm import image_loader_for
-    from medvl.train.policy import apply_composed, check_frozen_random
 
     if cfg.position_gap and cfg.packing:
         raise MedvlUserError("position_gap with packing is not supported: packed rows restart positions per "
@@ -72,7 +77,6 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         random_parts = {m for m, trained in (("llm", "source" in cfg.llm), ("vision", is_pretrained(cfg.vision)),
                                              ("connector", bool(cfg.init_connector))) if not trained}
         check_frozen_random(policy, random_parts, cfg.allow_frozen_random)
-    from medvl.train.attention import for_training, set_attention
     built_attention = for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
     apply_composed(model, policy, cfg.lora)
     if cfg.gradient_checkpointing:
@@ -155,8 +159,6 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
 
     def export() -> Any:
         from medvl.models.vlm import MedVLM
-        from medvl.train.config import save_resolved
-        from medvl.train.policy import merge_composed
         out_model = model
         if engine.sharded:  # gather the full weights (every rank) into a plain model on rank 0
             full = engine.full_state_dict()
@@ -177,7 +179,6 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         return out_model
 
     n_llm = sum(p.numel() for n, p in model.llm.named_parameters() if "embed" not in n)
-    from medvl.train.engine.memory import transformer_activations
     lc = model.llm.config
     act = transformer_activations(cfg.batch_size * cfg.max_length, lc.hidden_size, lc.num_hidden_layers,
                                   cfg.gradient_checkpointing)
@@ -191,9 +192,6 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
 def train_vlm(cfg: VLMTrainConfig, train_samples, *, progress: bool = True, native_model=None) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the trained model, tokenizer, collator, the log and counts of
     what was left out. ``native_model``: an already loaded :class:`medvl.models.native.NativeVLM`."""
-    from medvl.data.loading import strip_images
-    from medvl.train.policy import resolve_policy
-    from medvl.train.validation import fit_arguments, plan_validation
 
     policy = resolve_policy(cfg.stage, cfg.freeze)
     engine = Engine(cfg, name="vlm", progress=progress)

@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from medvl.errors import MedvlUserError
+from medvl.models.native import NativeVLM, answer_logits, module_of
+from medvl.train.attention import for_training, set_attention
+from medvl.train.config import save_resolved
 from medvl.train.engine import Engine, StepResult
+from medvl.train.engine.memory import transformer_activations
+from medvl.train.policy import apply_native
 
 
 class _NativeStep(nn.Module):
@@ -38,7 +43,6 @@ class _NativeStep(nn.Module):
         self.parts: dict = {}
 
     def forward(self, batch: dict[str, torch.Tensor], teacher=None) -> torch.Tensor:
-        from medvl.models.native import answer_logits
         logits, target = answer_logits(self.model, batch)  # [N, V], [N]
         if self.kd is None or teacher is None:
             return nn.functional.cross_entropy(logits.float(), target)
@@ -48,8 +52,6 @@ class _NativeStep(nn.Module):
 
 
 def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict[str, Any]:
-    from medvl.models.native import NativeVLM
-    from medvl.train.policy import apply_native
 
     if engine.sharded and "lora" in policy.values():
         raise MedvlUserError("LoRA with fsdp is not supported yet; use distributed: ddp")
@@ -62,7 +64,6 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
         vlm.set_position_gap(cfg.position_gap)
     if cfg.gradient_checkpointing:
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from medvl.train.attention import for_training, set_attention
     built_attention = for_training(vlm.model, cfg.attn_implementation, engine.device.type, cfg.max_length,
                                      auto=False)
     vlm.model, trainable = apply_native(vlm.model, policy, cfg.lora)
@@ -104,7 +105,6 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
                           int((enc["labels"][:, 1:] != -100).sum()))
 
     def export():
-        from medvl.train.config import save_resolved
         if engine.sharded:
             full = engine.full_state_dict()
             if engine.main:
@@ -121,11 +121,9 @@ def prepare_native(cfg, samples, policy: dict, engine: Engine, vlm=None) -> dict
             save_resolved(cfg, engine.out / "model" / "recipe.yaml", "vlm")
         return vlm
 
-    from medvl.train.engine.memory import transformer_activations
     tc = vlm.model.config.get_text_config() if hasattr(vlm.model.config, "get_text_config") else vlm.model.config
     act = transformer_activations(cfg.batch_size * cfg.max_length, tc.hidden_size, tc.num_hidden_layers,
                                   cfg.gradient_checkpointing)
-    from medvl.models.native import module_of
     n_llm = sum(p.numel() for n, p in vlm.model.named_parameters()  # MFU: 6 x non-embedding LM parameters
                 if module_of(n) == "llm" and "embed" not in n and "lm_head" not in n)
     return {"module": step_module, "activation_bytes": act, "flops_per_token": 6.0 * n_llm, "steps": engine.steps_per_epoch(len(encoded)), "plan": plan,

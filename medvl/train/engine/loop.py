@@ -35,10 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from medvl.errors import MedvlUserError
-from medvl.train.config import NOT_IDENTITY, TrainerConfig
 import medvl.train.engine.checkpoint as checkpoint
 import medvl.train.engine.dist as dist
+import medvl.train.engine.memory as memory
+from medvl.errors import MedvlUserError
+from medvl.models.precision import resolve_precision
+from medvl.train.config import NOT_IDENTITY, TrainerConfig
 from medvl.train.engine.logger import MetricsLogger
 from medvl.train.engine.schedule import get_schedule
 
@@ -72,7 +74,6 @@ class Engine:
         self.ignore_keys = set(NOT_IDENTITY) | set(ignore_keys)
         if cfg.precision not in ("bf16", "fp32", "auto"):
             raise MedvlUserError(f"precision must be bf16, fp32 or auto, got {cfg.precision!r}")
-        from medvl.models.precision import resolve_precision
         cfg.precision = resolve_precision(cfg.precision, str(self.device))  # auto -> what this device computes
         if cfg.grad_accum < 1 or cfg.batch_size < 1:
             raise MedvlUserError("batch_size and grad_accum must be at least 1")
@@ -117,7 +118,6 @@ class Engine:
         over its trainable parameters (``param_groups(module)`` for custom groups, called after
         wrapping: FSDP replaces parameters by their shards). Prints the memory estimate first
         (:mod:`.memory`; ``activation_bytes`` from the recipe, per micro-batch)."""
-        import medvl.train.engine.memory as memory
         self.memory = memory.estimate(module, world=self.world, mode=self.cfg.distributed,
                                       sharding=self.cfg.fsdp_sharding, activations=activation_bytes)
         if self.progress:
