@@ -361,3 +361,49 @@ def test_shipped_v2_plain_labels_on_held_out_vqa_med():
     res = zero_shot(MedCLIP.from_pretrained("medclip-r10t-minilm-v2"), [p for p, _ in items], labels)
     acc = np.mean([p == items[i][1] for i, p in zip(res["indices"], res["pred"])])
     assert acc >= 0.58
+
+
+def test_extract_features_killed_then_rerun_resumes_to_the_same_result(tmp_path, tiny):
+    """SIGKILL mid-run, a torn last line, then the same command: every record once, features as an
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from medvl.data.bundled import load_bundled
+    tiny.save_pretrained(tmp_path / "t")
+    paths = sorted({s.images[0].path for s in load_bundled("vqa-rad", "train")})
+    rows = [{"id": f"r{i}", "image": paths[i % len(paths)], "caption": f"caption number {i}"} for i in range(120)]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+    def cmd(out):
+        return [sys.executable, "-m", "medvl.cli", "clip", "extract-features", "--teacher", f"A={tmp_path / 't'}",
+                "--data", str(tmp_path / "caps.jsonl"), "--format", "captions", "--out", str(tmp_path / out)]
+    from medvl.cli import main
+    assert main(cmd("full")[3:]) == 0  # the uninterrupted reference, in this process
+    proc = subprocess.Popen(cmd("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "killed" / "meta.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not meta.exists() or meta.read_text().count("\n") < 10):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = meta.read_text().count("\n")
+    assert 10 <= n_before < 120, "the kill landed mid-run"
+    with open(meta, "a") as fh:
+        fh.write('{"id": "r9999", "imgpath": "/x.png", "txt": "tor')  # a line torn by the kill
+    r = subprocess.run(cmd("killed"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "resumed" in r.stdout
+    got = [json.loads(x) for x in meta.read_text().splitlines()]
+    assert sorted(x["id"] for x in got) == sorted(r_["id"] for r_ in rows)  # each once, the torn line gone
+    ref = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "full" / "meta.jsonl").read_text().splitlines()}
+    for rec in got[::37]:
+        a = np.load(tmp_path / "killed" / rec["featpath"])
+        b = np.load(tmp_path / "full" / ref[rec["id"]]["featpath"])
+        assert np.allclose(a["A_img"], b["A_img"], atol=1e-6) and np.allclose(a["A_txt"], b["A_txt"], atol=1e-6)
+    assert not list((tmp_path / "killed" / "features").glob("*.tmp"))

@@ -107,10 +107,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     root = Path(args.image_root).resolve() if args.image_root else Path(args.data).resolve().parent
     out = Path(args.out)
     (out / "features").mkdir(parents=True, exist_ok=True)
+    done = _finished_features(out / "meta.jsonl", out)  # a rerun (after a kill) resumes: ids done are kept
     skipped = {}
     n = 0
-    with open(out / "meta.jsonl", "w", encoding="utf-8") as meta, torch.no_grad():
-        for s in tqdm(conv.samples, desc="extracting", unit="sample"):
+    todo = [s for s in conv.samples if s.id not in done]
+    with open(out / "meta.jsonl", "a", encoding="utf-8") as meta, torch.no_grad():
+        for s in tqdm(todo, desc="extracting", unit="sample"):
             answers = s.turns("assistant")
             if len(s.images) != 1 or not answers:
                 skipped["not one image + one caption"] = skipped.get("not one image + one caption", 0) + 1
@@ -128,16 +130,45 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 continue
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in s.id)
             fpath = out / "features" / f"{safe}.npz"
-            np.savez(fpath, **arrays)
+            tmp = fpath.with_name(fpath.name + ".tmp")
+            with open(tmp, "wb") as fh:  # the features first, whole (renamed into place), then their line
+                np.savez(fh, **arrays)
+            tmp.replace(fpath)
             # paths in meta.jsonl resolve wherever it is read from: the feature file relative to it, the
             # image absolute (it lies wherever the user's data is)
             meta.write(json.dumps({"id": s.id, "imgpath": str(img.resolve()), "txt": answers[-1].text,
                                    "available_clips": sorted(teachers),
                                    "featpath": fpath.relative_to(out).as_posix()}) + "\n")
+            meta.flush()
             n += 1
+    if done:
+        print(f"resumed: {len(done):,} samples were already extracted in {out}")
     print(f"wrote {n:,} samples to {out}/meta.jsonl; skipped: " +
           (", ".join(f"{v} {k}" for k, v in skipped.items()) or "none"))
     return 0
+
+
+def _finished_features(meta_path: Path, out: Path) -> set[str]:
+    """Ids already extracted by an earlier run of the same command: whole lines of meta.jsonl whose
+    feature file exists. A line torn by a kill is cut off, so the file holds each record once."""
+    if not meta_path.is_file():
+        return set()
+    text = meta_path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    keep, done = [], set()
+    for line in lines[:-1]:  # the part after the last newline is torn (or empty)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not (out / rec.get("featpath", "")).is_file():
+            break
+        keep.append(line)
+        done.add(rec["id"])
+    body = "".join(x + "\n" for x in keep)
+    if body != text:
+        meta_path.write_text(body, encoding="utf-8")
+    return done
 
 
 def _labelled_images(data: str, fmt: str, label: str | None, image_root: str | None) -> list[tuple[str, str]]:
