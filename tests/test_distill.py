@@ -2,6 +2,7 @@
 reflective correction, SASG."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,55 @@ def test_cached_topk_teacher_equals_live_topk_and_trains(teacher_dir, tmp_path):
     cfg = _student(tmp_path, distill={"teacher_cache": str(tmp_path / "cache")}, output_dir=str(tmp_path / "s"))
     res = train_vlm(cfg, data, progress=False)
     assert res["steps"] == 2 and all("kd" in r for r in res["log"])
+
+
+def test_cache_teacher_killed_between_parts_resumes_to_the_same_cache(teacher_dir, tmp_path, monkeypatch):
+    """A run that dies after two parts (a half-written part file left beside them), then the same call:
+    only the rest is computed and the cache equals an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from medvl.distill import teacher as T
+    data = load_bundled("vqa-rad", "train")[:14]
+    T.cache_teacher(teacher_dir, data, tmp_path / "full", topk=8, batch_size=3, progress=False, part_size=4)
+    real_save, saved = T.atomic_write_text, []
+
+    def dying(path, text):  # the run is killed after its second part is whole
+        real_save(path, text)
+        saved.append(path)
+        if len(saved) == 2:
+            (Path(path).parent / "part-00002.safetensors.tmp").write_bytes(b"torn")
+            raise KeyboardInterrupt
+    monkeypatch.setattr(T, "atomic_write_text", dying)
+    with pytest.raises(KeyboardInterrupt):
+        T.cache_teacher(teacher_dir, data, tmp_path / "killed", topk=8, batch_size=3, progress=False, part_size=4)
+    monkeypatch.setattr(T, "atomic_write_text", real_save)
+    assert not (tmp_path / "killed" / "index.json").exists()  # no cache that looks whole
+    calls = []
+    live = T.live_teacher
+    monkeypatch.setattr(T, "live_teacher", lambda *a, **k: _counting(live(*a, **k), calls))
+    info = T.cache_teacher(teacher_dir, data, tmp_path / "killed", topk=8, batch_size=3, progress=False, part_size=4)
+    assert info["samples"] == 14 and sum(calls) == 14 - 8  # the two finished parts were kept
+    a, b = load_file(str(tmp_path / "full" / "teacher_topk.safetensors")), \
+        load_file(str(tmp_path / "killed" / "teacher_topk.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "full" / "index.json").read_text())["ids"] == \
+        json.loads((tmp_path / "killed" / "index.json").read_text())["ids"]
+    assert not (tmp_path / "killed" / "parts").exists()
+    with pytest.raises(MedvlUserError, match="another run"):  # parts of another k are refused, not mixed
+        (tmp_path / "k2" / "parts").mkdir(parents=True)
+        (tmp_path / "k2" / "parts" / "part-00000.json").write_text(json.dumps({"teacher": str(teacher_dir), "k": 4,
+                                                                               "ids": [], "counts": []}))
+        T.cache_teacher(teacher_dir, data, tmp_path / "k2", topk=8, progress=False)
+
+
+def _counting(live, calls):
+    rows = live.rows
+
+    def counted(ids):
+        calls.append(len(ids))
+        return rows(ids)
+    live.rows = counted
+    return live
 
 
 def test_distill_config_errors(teacher_dir, tmp_path):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from medvl.data.schema import Media
+from medvl.data.textfile import atomic_write_text
 from medvl.errors import MedvlUserError
 from medvl.losses.logit_kd import LogitKDLoss, TopK, topk_missing_mass, topk_of
 from medvl.models.answer import answer_logits
@@ -183,34 +184,93 @@ class CachedTeacher:
 
 
 def cache_teacher(teacher: str | Path, samples: Sequence, out: str | Path, topk: int = 32, max_length: int = 128,
-                  batch_size: int = 32, progress: bool = True) -> dict:
-    """Run the teacher over the samples once and store its top-k answer-position logits."""
-    from safetensors.torch import save_file
+                  batch_size: int = 32, progress: bool = True, part_size: int = 512) -> dict:
+    """Run the teacher over the samples once and store its top-k answer-position logits.
+
+    Resumable: every ``part_size`` samples the rows go to ``OUT/parts/part-NNNNN.safetensors`` (written
+    whole, then renamed), with the ids they hold in a sidecar JSON; a rerun of the same command after
+    a kill keeps every finished part and computes only the rest. At the end the parts are merged, in
+    the samples' order, into ``teacher_topk.safetensors`` + ``index.json`` (each written atomically)
+    and removed. Parts made with another teacher or k are refused, not mixed in."""
+    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    out = Path(out)
+    parts_dir = out / "parts"
     live = live_teacher(teacher, max_length, topk=topk)
     tok = live.tokenizer
     lost = live.prepare(samples)
     ids = [s.id for s in samples if s.id not in lost]
     if len(set(ids)) != len(ids):
         raise MedvlUserError("sample ids repeat: the cache is keyed by id")
+    done: dict[str, int] = {}  # id -> its part
+    meta: dict[int, dict] = {}
+    for side in sorted(parts_dir.glob("part-*.json")) if parts_dir.is_dir() else []:
+        info = json.loads(side.read_text())
+        if (info["teacher"], info["k"]) != (str(teacher), topk):
+            raise MedvlUserError(f"{parts_dir} holds parts of another run (teacher {info['teacher']}, k {info['k']}); "
+                                 "remove it or write elsewhere", path=parts_dir)
+        if side.with_suffix(".safetensors").is_file():
+            k = int(side.stem.split("-")[1])
+            meta[k] = info
+            done.update({i: k for i in info["ids"]})
+    todo = [i for i in ids if i not in done]
+    if done and progress:
+        print(f"resuming: {len(done):,} samples already cached in {parts_dir}")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    next_part = max(meta, default=-1) + 1
+    bar = tqdm(total=len(todo), desc="teacher top-k", unit="sample", disable=not progress)
+    for p0 in range(0, len(todo), part_size):
+        part_ids = todo[p0:p0 + part_size]
+        values, indices, counts = [], [], []
+        missing_before = len(live.missing_mass)
+        for b in range(0, len(part_ids), batch_size):
+            chunk = part_ids[b:b + batch_size]
+            rows = live.rows(chunk)
+            values.append(rows.values)
+            indices.append(rows.indices)
+            counts += [live.n_answer_tokens(i) for i in chunk]  # rows per sample = answer tokens after the shift
+            bar.update(len(chunk))
+        path = parts_dir / f"part-{next_part:05d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous()}, str(tmp))
+        tmp.replace(path)
+        mm = live.missing_mass[missing_before:]
+        info = {"teacher": str(teacher), "k": topk, "ids": part_ids, "counts": counts,
+                "missing_mass_sum": sum(mm), "missing_mass_n": len(mm)}
+        atomic_write_text(path.with_suffix(".json"), json.dumps(info))
+        meta[next_part] = info
+        done.update({i: next_part for i in part_ids})
+        next_part += 1
+    bar.close()
+    # merge in the samples' order
+    tensors = {k: load_file(str(parts_dir / f"part-{k:05d}.safetensors")) for k in sorted(set(done.values()))}
+    span: dict[str, tuple[int, int, int]] = {}
+    for k, info in meta.items():
+        start = 0
+        for i, c in zip(info["ids"], info["counts"]):
+            span[i] = (k, start, start + c)
+            start += c
     values, indices, offsets = [], [], [0]
-    for b in tqdm(range(0, len(ids), batch_size), desc="teacher top-k", unit="batch", disable=not progress):
-        chunk = ids[b:b + batch_size]
-        rows = live.rows(chunk)
-        values.append(rows.values)
-        indices.append(rows.indices)
-        for i in chunk:  # rows per sample = answer tokens after the shift
-            offsets.append(offsets[-1] + live.n_answer_tokens(i))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        k, a, b = span[i]
+        values.append(tensors[k]["values"][a:b])
+        indices.append(tensors[k]["indices"][a:b])
+        offsets.append(offsets[-1] + b - a)
+    final = out / "teacher_topk.safetensors"
+    tmp = final.with_name(final.name + ".tmp")
     save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous(),
-               "offsets": torch.tensor(offsets)}, str(out / "teacher_topk.safetensors"))
+               "offsets": torch.tensor(offsets)}, str(tmp))
+    tmp.replace(final)
+    n_mm = sum(m["missing_mass_n"] for m in meta.values())
     info = {"ids": ids, "k": topk, "teacher": str(teacher), "answer_tokens": offsets[-1],
             "skipped_too_long": sorted(lost),
-            "mean_missing_mass": sum(live.missing_mass) / max(1, len(live.missing_mass))}
-    (out / "index.json").write_text(json.dumps(info))
+            "mean_missing_mass": sum(m["missing_mass_sum"] for m in meta.values()) / max(1, n_mm)}
     tok.save_pretrained(str(out / "tokenizer"))
+    atomic_write_text(out / "index.json", json.dumps(info))  # last: its presence says the cache is whole
+    for f in parts_dir.glob("part-*"):
+        f.unlink()
+    parts_dir.rmdir()
     return {k: v for k, v in info.items() if k != "ids"} | {"samples": len(ids)}
 
 
