@@ -28,7 +28,15 @@ its own cue-and-scope rules that cover what the patterns mean:
   and vascular prominence (always uncertain edema).
 
 "unchanged" and "stable" otherwise leave a finding positive ("unchanged effusion"), as in
-the reference. The labeler reproduces the labeler's published output on its sample
+the reference, and so does an enlargement called stable ("stable enlargement of the heart").
+
+Corrections from reading its errors against expert labels (issue 34, 2026-12-07; each a test):
+a predicate shared by two subjects reaches the first ("the heart size *and pulmonary vascularity
+appear* within normal limits": the scope crosses "and" when a plural verb follows the second
+noun phrase); "of normal size" negates; an adverb inside a negated predicate is skipped ("is not
+significantly enlarged", "grossly unremarkable"); "no (significant / interval) change in X" leaves X
+positive; a hedged negative ("may not be demonstrated") is uncertain; "plate" no longer matches
+inside "endplate", and lung fibrosis is not Pleural Other (two unmention lists of medvl's own). The labeler reproduces the labeler's published output on its sample
 reports exactly (tested), and is checked on report language in the tests.
 """
 
@@ -56,16 +64,22 @@ PRE_UNCERTAIN = [r"cannot exclude", r"can not exclude", r"cannot rule out", r"ca
                  r"no evidence to rule out", r"no new", r"not excluded", r"cannot be excluded",
                  r"not be excluded", r"not ruled out"]
 POST_UNCERTAIN_FIRST = [r"cannot be excluded", r"can not be excluded", r"(?:is|are) not excluded",
-                        r"not be excluded", r"cannot be ruled out", r"not (?:been )?ruled out"]
+                        r"not be excluded", r"cannot be ruled out", r"not (?:been )?ruled out",
+                        r"(?:may|might|could|would) not be (?:seen|demonstrated|visualized|identified|appreciated|"
+                        r"detected|evident|apparent)"]
+#: "no (significant / interval) change in X": X is there, unchanged — not a negation of X
+NO_CHANGE_IN = re.compile(r"(?<![a-z])no (?:\w+ )?changes? (?:in|of)(?: the| a)?(?: \w+){0,3}$")
 PRE_NEGATION = [r"no", r"not", r"without", r"negative for", r"free of", r"absence of", r"absent",
                 r"resolution of", r"resolved", r"removal of", r"removed", r"clearing of", r"cleared",
                 r"history of", r"disappearance of", r"drainage of", r"rule out", r"ruled out",
                 r"normal", r"unremarkable", r"clear", r"within normal limits", r"never"]
-POST_NEGATION = [r"(?:is|are|was|were|appears?|remains?)?\s*(?:now\s+)?(?:normal|unremarkable)",
+_ADVERB = r"(?:(?:significantly|substantially|markedly|definitely|clearly|grossly|appreciably|currently|now) )?"
+POST_NEGATION = [r"(?:is|are|was|were|appears?|remains?)?\s*(?:now\s+)?(?:grossly\s+)?(?:normal|unremarkable)",
+                 r"(?:is|are|was|were|appears?|remains?)? ?of normal (?:size|caliber|calibre)",
                  r"within normal limits", r"(?:at )?(?:the )?upper limits? of normal", r"is clear",
-                 r"are clear", r"(?:is|are|was|were|has been|have been) (?:not|no longer) (?:seen|identified|"
-                 r"present|visualized|demonstrated|appreciated|evident|enlarged)",
-                 r"not (?:seen|identified|present|enlarged)", r"absent", r"(?:has|have)? ?(?:since )?resolved",
+                 r"are clear", r"(?:is|are|was|were|has been|have been) (?:not|no longer) " + _ADVERB + r"(?:seen|"
+                 r"identified|present|visualized|demonstrated|appreciated|evident|enlarged)",
+                 r"not " + _ADVERB + r"(?:seen|identified|present|enlarged)", r"absent", r"(?:has|have)? ?(?:since )?resolved",
                  r"(?:has|have) been removed", r"removed", r"ruled out", r"excluded", r"not enlarged",
                  r"no longer (?:seen|present|visualized)"]
 PRE_UNCERTAIN_LATE = [r"possible", r"possibly", r"presumably", r"presumed", r"probable", r"probably",
@@ -86,6 +100,7 @@ CARDIAC_WORDS = re.compile(r"cardiomediastinal|pericardial|mediastin|contour|con
                            r"silhouette|size|heart|shadow")
 STABLE_CUE = [r"stable", r"unchanged", r"not changed", r"similar to prior", r"similar to the prior",
               r"no change", r"not significantly changed"]
+ENLARGED = re.compile(r"enlarg|cardiomegaly|widen")
 ALWAYS_UNCERTAIN = re.compile(r"vascular congestion|pulmonary congestion|indistinctness|vascular prominence")
 
 BREAKS = {"but", "however", "although", "though", "which", "whereas", "while", "except",
@@ -94,7 +109,11 @@ NEW_CLAUSE_AFTER_AND = {"the", "a", "an", "there", "no", "it", "this", "these", 
                         "heart", "lungs", "lung", "cardiac", "mediastinal", "interval", "pulmonary",
                         "osseous", "bony", "visualized", "mild", "moderate", "severe", "small",
                         "large", "new", "stable", "unchanged"}
-PRE_WINDOW, POST_WINDOW = 12, 8
+#: a word after "and" that starts a new noun phrase but can share the mention's predicate ("the heart size
+#: and pulmonary vascularity appear within normal limits": both are normal)
+SHARED_SUBJECT_AFTER_AND = {"heart", "lungs", "lung", "cardiac", "mediastinal", "pulmonary", "osseous", "bony"}
+PLURAL_VERBS = {"are", "appear", "remain", "were", "have", "look", "demonstrate"}
+PRE_WINDOW, POST_WINDOW = 12, 10
 
 _SENT_SPLIT = re.compile(r"(?<!\d)[.!?](?!\d)|\n|;|\s(?=\d+[.)]\s)")
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-/][a-z0-9]+)*|,|:")
@@ -207,7 +226,8 @@ class CheXpertLabeler:
             if w in BREAKS or w in (":", "with", "without"):
                 break
             if w in ("and", ",") and k + 1 < len(words) and words[k + 1] in NEW_CLAUSE_AFTER_AND:
-                break
+                if not (w == "and" and words[k + 1] in SHARED_SUBJECT_AFTER_AND and _shared_predicate(words, k + 1)):
+                    break
             k += 1
         return " ".join(words[end:k])
 
@@ -217,12 +237,14 @@ class CheXpertLabeler:
         near_pre = " ".join(pre.split()[-4:])
         if _RE_PRE_UNC.search(pre) or _RE_POST_UNC_FIRST.search(post):
             return UNCERTAIN
-        if _RE_PRE_NEG.search(pre) or _RE_POST_NEG.match(post.lstrip(", ")) or _post_neg_anywhere(post):
+        negated_before = _RE_PRE_NEG.search(pre) and not NO_CHANGE_IN.search(pre)
+        if negated_before or _RE_POST_NEG.match(post.lstrip(", ")) or _post_neg_anywhere(post):
             return NEGATIVE
         if m.observation == "Edema" and ALWAYS_UNCERTAIN.search(m.text + " " + post[:30]):
             return UNCERTAIN
-        if CARDIAC_WORDS.search(m.text) and (_RE_STABLE.search(near_pre) or _RE_STABLE.search(post)):
-            return UNCERTAIN
+        if CARDIAC_WORDS.search(m.text) and not ENLARGED.search(m.text + " " + near_pre) \
+                and (_RE_STABLE.search(near_pre) or _RE_STABLE.search(post)):
+            return UNCERTAIN  # "stable heart size" does not say enlarged; "stable enlargement of the heart" does
         if _RE_PRE_UNC_LATE.search(pre) or _RE_POST_UNC.search(post) or _RE_POST_ALT.match(post.lstrip(", ")):
             return UNCERTAIN
         return POSITIVE
@@ -261,13 +283,25 @@ class CheXpertLabeler:
         return [self.label(r) for r in reports]
 
 
+def _shared_predicate(words: list[str], j: int) -> bool:
+    """Whether the noun phrase at ``words[j]`` after "and" is the second subject of one plural verb
+    ("X and pulmonary vascularity *are* normal") rather than the start of a new clause: a plural verb
+    within four words, before any singular verb, comma or clause break."""
+    for t in range(j, min(j + 5, len(words))):
+        if words[t] in PLURAL_VERBS:
+            return True
+        if words[t] in ("is", "was", "has", ",", ":") or words[t] in BREAKS:
+            return False
+    return False
+
+
 def _post_neg_anywhere(post: str) -> bool:
     """Negating phrases that may follow the mention after a list ("effusion and edema are
     not seen"): only the unambiguous verb phrases, anywhere in the post scope."""
     return bool(re.search(r"(?<![a-z])(?:(?:is|are|was|were|has been|have been) (?:not|no longer) "
                           r"(?:seen|identified|present|visualized|demonstrated|evident)|have resolved|"
-                          r"has resolved|(?:is|are) (?:normal|unremarkable|absent)|resolved|"
-                          r"upper limits? of normal|within normal limits)(?![a-z])", post))
+                          r"has resolved|(?:is|are|appears?|remains?) (?:grossly )?(?:normal|unremarkable|absent)|"
+                          r"resolved|upper limits? of normal|within normal limits|of normal size)(?![a-z])", post))
 
 
 # ---- clinical-efficacy scores ---------------------------------------------------------------
