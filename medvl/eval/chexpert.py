@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -190,17 +191,20 @@ class CheXpertLabeler:
     def find_mentions(self, sentence: str) -> tuple[list[str], list[tuple[int, int]], list[Mention]]:
         toks = [(m.group(0), m.start(), m.end()) for m in _TOKEN.finditer(sentence)]
         words = [t for t, _, _ in toks]
+        starts, ends = [a for _, a, _ in toks], [b for _, _, b in toks]
         out: list[Mention] = []
         for obs, rx in self.mentions:
             un = self.unmentions.get(obs)
             blocked = [(m.start(), m.end()) for m in un.finditer(sentence)] if un else []
             for m in rx.finditer(sentence):
-                if any(a <= m.start() < b for a, b in blocked):
+                if blocked and any(a <= m.start() < b for a, b in blocked):
                     continue
-                ti = [k for k, (_, a, b) in enumerate(toks) if a < m.end() and b > m.start()]
-                if ti:
-                    out.append(Mention(obs, ti[0], ti[-1] + 1, m.group(0)))
-        return words, [(a, b) for _, a, b in toks], out
+                # the tokens the match overlaps, by bisection (a scan per match was quadratic: a
+                # 4,000-word sentence of mentions took 2.6 s)
+                first, last = bisect_right(ends, m.start()), bisect_left(starts, m.end())
+                if first < last:
+                    out.append(Mention(obs, first, last, m.group(0)))
+        return words, list(zip(starts, ends)), out
 
     # -- scopes ----------------------------------------------------------------------------
     @staticmethod
