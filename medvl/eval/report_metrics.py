@@ -17,10 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from medvl.eval import bootstrap as bs, nlg
+from medvl.eval import bootstrap as bs
+from medvl.eval import meteor  # by module: whether the jar is available is decided per call
+from medvl.eval import nlg
 from medvl.eval.bertscore import BERTScorer
 from medvl.eval.chexpert import CheXpertLabeler, clinical_efficacy
-from medvl.eval.meteor import jar_available, meteor_jar, meteor_native
 from medvl.registry import Registry
 
 
@@ -133,25 +134,24 @@ def _cider_d(x: MetricInput) -> MetricOutput:
 @_metric("meteor", "METEOR 1.5: the jar when Java and pycocoevalcap are installed, else meteor_native (the key "
          "says which)", text="raw")
 def _meteor(x: MetricInput) -> MetricOutput:
-    if jar_available():
+    if meteor.jar_available():
         return MetricOutput(extra={"meteor_ci_note": "no CI for the jar's corpus METEOR (its statistics are not "
-                                                     "resampled)"} if x.bootstrap else {}).add(meteor_jar(x.refs, x.hyps))
+                                                     "resampled)"} if x.bootstrap else {}).add(meteor.meteor_jar(x.refs, x.hyps))
     out = MetricOutput(extra={"meteor_note": "METEOR jar unavailable (needs Java and pycocoevalcap): reported "
                                              "meteor_native instead, which is not the jar's number"})
-    return _with_meteor_native_ci(out.add(meteor_native(x.refs, x.hyps)), x)
+    return _with_meteor_native_ci(out.add(meteor.meteor_native(x.refs, x.hyps)), x)
 
 
 @_metric("meteor-native", "an approximation of METEOR (exact + Porter-stem matches, greedy alignment)", text="raw")
 def _meteor_native(x: MetricInput) -> MetricOutput:
-    return _with_meteor_native_ci(MetricOutput().add(meteor_native(x.refs, x.hyps)), x)
+    return _with_meteor_native_ci(MetricOutput().add(meteor.meteor_native(x.refs, x.hyps)), x)
 
 
 def _with_meteor_native_ci(out: MetricOutput, x: MetricInput) -> MetricOutput:
     if x.bootstrap and "meteor_native" in out.stats:  # corpus METEOR from resampled statistics
         from medvl.eval import bootstrap as bs
-        from medvl.eval.meteor import meteor_from_stats
         st = np.asarray(out.stats["meteor_native"], dtype=float)
-        out.ci["meteor_native"] = bs.bootstrap_ci(lambda idx: meteor_from_stats(st[idx].sum(axis=0)), len(x.refs),
+        out.ci["meteor_native"] = bs.bootstrap_ci(lambda idx: meteor.meteor_from_stats(st[idx].sum(axis=0)), len(x.refs),
                                                   x.bootstrap, x.seed)
     return out
 

@@ -34,7 +34,7 @@ import torch
 
 from medvl.errors import MedvlUserError
 from medvl.models.delta_codec import BITS
-from medvl.models.lm_sources import resolve_lm_source
+from medvl.models import lm_sources  # looked up per call: tests and users may swap the resolver
 from medvl.models.quiet import expected_unused
 
 SUFFIX = ".beyond_source"  # state key of the rows past the source's vocabulary
@@ -49,7 +49,7 @@ def source_tensors(source: str, want) -> dict[str, torch.Tensor]:
     for which ``want(key)`` holds, in float32 (a named source is fetched / converted once): read
     from a local safetensors folder (a fraction of a second), else through ``from_pretrained``
     (a hub id)."""
-    path = Path(resolve_lm_source(source))
+    path = Path(lm_sources.resolve_lm_source(source))
     out: dict[str, torch.Tensor] = {}
     if path.is_dir() and any(path.glob("*.safetensors")):
         from safetensors import safe_open

@@ -26,7 +26,7 @@ from medvl.data.schema import Media
 from medvl.distill.teacher import make_teacher
 from medvl.errors import MedvlUserError
 from medvl.models.hub import load_model_tokenizer, resolve_model_path
-from medvl.train.attention import for_training, set_attention
+from medvl.train import attention
 from medvl.train.config import save_resolved
 from medvl.train.engine import Engine, StepResult
 from medvl.train.engine.memory import transformer_activations
@@ -77,7 +77,7 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
         random_parts = {m for m, trained in (("llm", "source" in cfg.llm), ("vision", is_pretrained(cfg.vision)),
                                              ("connector", bool(cfg.init_connector))) if not trained}
         check_frozen_random(policy, random_parts, cfg.allow_frozen_random)
-    built_attention = for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
+    built_attention = attention.for_training(model.llm, cfg.attn_implementation, engine.device.type, cfg.max_length)
     apply_composed(model, policy, cfg.lora)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -168,7 +168,7 @@ def _prepare_composed(cfg: VLMTrainConfig, samples, policy: dict, engine: Engine
                                            if k.startswith("model.")}, strict=True)
         out_model = out_model.cpu().eval()
         merge_composed(out_model, policy)
-        set_attention(out_model.llm, built_attention)  # the kernel chosen for training is not the model's
+        attention.set_attention(out_model.llm, built_attention)  # the kernel chosen for training is not the model's
         if policy.get("embeddings") == "frozen" and engine.main:  # leave the source's rows out of the checkpoint
             from medvl.models.source_weights import share_spec
             out_model.config.llm_from_source = share_spec(out_model)
