@@ -106,26 +106,28 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_default_vlm_loads_its_weights_from_smollm2_and_answers(smol, monkeypatch):
-    """medvl-vqarad-smollm2-30 (the default of chat / predict / serve) ships without SmolLM2's embedding
-    table and with its 30 blocks as 4-bit deltas, rebuilds both from the converted source, and
-    answers VQA-RAD's closed questions well above the majority answer (0.49)."""
+    """medvl-generalist-smollm2-8 (the default of chat / predict / serve) ships without SmolLM2's embedding
+    table and with its 8 blocks as 4-bit deltas, rebuilds both from the converted source, answers
+    VQA-RAD's closed questions well above the majority answer (0.49), and describes an image in a sentence."""
     import medvl
     from medvl.data.bundled import load_bundled
     from medvl.models.hub import DEFAULT_VLM
     from medvl.models.hub import resolve_model_path
 
     monkeypatch.setenv("MEDVL_CACHE", str(smol.parent.parent))
-    assert DEFAULT_VLM == "medvl-vqarad-smollm2-30"
+    assert DEFAULT_VLM == "medvl-generalist-smollm2-8"
     folder = resolve_model_path(DEFAULT_VLM)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["llm_source"] == "smollm2-135m-instruct" and cfg["llm_from_source"]["rows"] == 49152
-    assert cfg["llm_from_source"]["deltas"]["bits"] == 4 and len(cfg["llm_from_source"]["deltas"]["keys"]) == 30 * 7
+    assert cfg["llm_from_source"]["deltas"]["bits"] == 4 and len(cfg["llm_from_source"]["deltas"]["keys"]) == 8 * 7
     pipe = medvl.load(DEFAULT_VLM)
     assert pipe.model.llm.get_input_embeddings().weight.shape == (49153, 576)
     closed = [s for s in load_bundled("vqa-rad", "test") if s.labels.get("answer_type") == "CLOSED"][:80]
     got = dict(pipe.answers(closed, max_new_tokens=4))
     right = sum(got[s.id].strip().lower().startswith(s.conversation[-1].text.strip().lower()) for s in closed)
     assert right / len(closed) >= 0.6, right
+    described = pipe.answer(closed[0].images[0].path, "Describe this image.", max_new_tokens=48)
+    assert len(described.split()) >= 6 and "image" in described.lower(), described
 
 
 @pytest.mark.slow

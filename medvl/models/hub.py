@@ -14,8 +14,9 @@ from pathlib import Path
 from medvl.errors import MedvlUserError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
-DEFAULT_VLM = "medvl-vqarad-smollm2-30"
-"""of chat / predict / serve; reads SmolLM2 from its source (gguf: lm extras)"""
+DEFAULT_VLM = "medvl-generalist-smollm2-8"
+"""of chat / predict / serve (since 2026-12-07: VQA-Med 2019 + VQA-RAD, describes images); reads SmolLM2 from
+its source (gguf: lm extras). The VQA-RAD specialist is medvl-vqarad-smollm2-30."""
 DEFAULT_CLIP = "medclip-r10t-minilm-v2"
 """of zero-shot, clip linear-probe / retrieval and serve"""
 
